@@ -1,0 +1,19 @@
+"""VQ-f8: 32x32x4 latents, codebook 16384, attention at 32 px.
+
+Variants: none (the paper's run on ImageNet from TFDS at 256 px; needs the LPIPS weight files:
+--config.loss.lpips_vgg_weights=... --config.loss.lpips_lin_weights=...), `smoke` (a tiny real
+run on the embedded digits, < 2 minutes on 2 CPU cores).
+"""
+
+from ldm_jax import config_defaults
+
+
+def get_config(arg=None):
+    c = config_defaults.autoencoder_config(
+        kind="vq", ch_mult=(1, 2, 2, 4), z_channels=4, embed_dim=4,
+        attn_resolutions=(32,), n_embed=16384)
+    if arg == "smoke":
+        c = config_defaults.smoke_autoencoder(c)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of this config; use no variant or 'smoke'.")
+    return c

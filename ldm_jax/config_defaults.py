@@ -1,0 +1,154 @@
+"""Shared defaults for the `configs/*.py` files (each file states its own architecture numbers).
+
+Every field a run can use is defined here with its default, so `--config.x=y` can override any of
+them and an unknown key is an error. Numbers follow DESIGN.md §2 (CompVis/latent-diffusion).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields common to every stage: run length, logging, mesh, sharding, checkpointing."""
+    c = ml_collections.ConfigDict()
+    c.stage = ""  # 'autoencoder' or 'diffusion'; picks the task the one train loop runs.
+    c.seed = 0
+    c.total_steps = 100_000
+    c.batch_size = 12  # global batch, split over the mesh and the hosts.
+    c.log_every_steps = 50
+    c.eval_every_steps = 5_000
+    c.eval_num_examples = 1_000  # held-out examples per evaluation (capped at the split size).
+    c.image_every_steps = 5_000  # PNG grids under <workdir>/images/.
+    c.num_grid_images = 16
+    c.checkpoint_every_steps = 5_000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32).
+    c.check_finite = True  # stop with a clear error on NaN/Inf loss or gradients.
+
+    # Mesh axis sizes; -1 fills with the remaining devices. The batch is split over both axes;
+    # parameters and optimiser state are sharded over `fsdp` by `sharding.param_rules`.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    c.sharding = ml_collections.ConfigDict()
+    # (regex on the '/'-joined parameter path, action) pairs, first match wins. Actions:
+    # 'replicate', 'fsdp' (shard the largest dimension divisible by the fsdp size).
+    c.sharding.param_rules = ((".*", "fsdp"),)
+    c.sharding.fsdp_min_size = 2**14  # smaller arrays stay replicated (not worth a collective).
+    return c
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Input pipeline fields (see ldm_jax/data/pipeline.py)."""
+    d = ml_collections.ConfigDict()
+    d.source = "digits"  # 'digits' (embedded), 'tfds', or 'folder'.
+    d.name = ""  # TFDS name, e.g. 'celeb_a_hq/256' (source='tfds').
+    d.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None = default.
+    d.folder = ""  # image folder (source='folder').
+    d.image_size = 32
+    d.train_split = "train"
+    d.eval_split = "test"
+    d.image_key = "image"
+    d.label_key = "label"
+    d.random_crop = False
+    d.random_flip = False
+    d.num_threads = 2
+    d.prefetch = 4
+    d.update(overrides)
+    return d
+
+
+def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
+                       attn_resolutions=(), n_embed: int = 0, resolution: int = 256,
+                       ) -> ml_collections.ConfigDict:
+    """A first-stage config with DESIGN.md §2 defaults for the given architecture."""
+    c = base_config()
+    c.stage = "autoencoder"
+    c.batch_size = 12
+    c.data = data_config(source="tfds", name="imagenet2012", image_size=resolution,
+                         train_split="train", eval_split="validation", random_crop=True,
+                         random_flip=False, label_key=ml_collections.config_dict.placeholder(str))
+
+    m = c.model = ml_collections.ConfigDict()
+    m.kind = kind
+    m.ch = 128
+    m.ch_mult = tuple(ch_mult)
+    m.num_res_blocks = 2
+    m.attn_resolutions = tuple(attn_resolutions)
+    m.resolution = resolution
+    m.in_channels = 3
+    m.out_ch = 3
+    m.z_channels = z_channels
+    m.embed_dim = embed_dim
+    m.dropout = 0.0
+    m.n_embed = n_embed
+    m.beta = 0.25
+    m.legacy_beta = False  # True: taming's legacy placement of beta (on the codebook term).
+
+    o = c.optimizer = ml_collections.ConfigDict()
+    o.name = "adam"
+    o.base_learning_rate = 4.5e-6  # times the global batch size, as in the reference.
+    o.scale_lr_by_batch = True
+    o.b1 = 0.5
+    o.b2 = 0.9
+    o.eps = 1e-8
+    o.weight_decay = 0.0
+    o.warmup_steps = 0
+    o.schedule = "constant"  # 'constant' or 'cosine' (decays to 0 at total_steps).
+    o.grad_clip_norm = 0.0  # 0 disables clipping.
+    o.disc_lr_mult = 1.0  # discriminator learning rate = generator learning rate x this.
+
+    l = c.loss = ml_collections.ConfigDict()
+    l.pixel_weight = 1.0
+    l.perceptual_weight = 1.0
+    # LPIPS needs the public weight files (no download at run time): torchvision's
+    # vgg16-397923af.pth and the lpips package's weights/v0.1/vgg.pth, or one converted .npz.
+    l.lpips_vgg_weights = ""
+    l.lpips_lin_weights = ""
+    l.kl_weight = 1e-6
+    l.codebook_weight = 1.0
+    l.logvar_init = 0.0
+    # The reference never passes logvar to its optimiser; True trains it as DESIGN.md describes.
+    l.learn_logvar = True
+    l.disc_start = 50_001 if kind == "kl" else 250_001
+    l.disc_weight = 0.5 if kind == "kl" else 0.75
+    l.disc_factor = 1.0
+    l.disc_loss = "hinge"  # or 'vanilla'.
+    l.disc_ndf = 64
+    l.disc_num_layers = 3
+    l.disc_norm = "batch"
+    l.adaptive_weight_max = 1e4
+    return c
+
+
+def smoke_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns a first-stage config into a tiny real run on the embedded digits (< 2 min on CPU).
+
+    Keeps the architecture's depth (ch_mult, attention levels, z channels) but shrinks width,
+    batch and steps; starts the discriminator early so both loss phases run.
+    """
+    f = 2 ** (len(c.model.ch_mult) - 1)
+    size = max(32, 4 * f)
+    c.data = data_config(source="digits", image_size=size)
+    c.model.ch = 32
+    c.model.num_res_blocks = 1
+    c.model.resolution = size
+    # Keep attention where the architecture has it, at the resolutions this small size reaches.
+    levels = [size // 2**i for i in range(len(c.model.ch_mult))]
+    if c.model.attn_resolutions:
+        c.model.attn_resolutions = tuple(levels[-len(c.model.attn_resolutions):])
+    if c.model.kind == "vq":
+        c.model.n_embed = 256
+    c.batch_size = 8
+    c.total_steps = 30
+    c.log_every_steps = 5
+    c.eval_every_steps = 30
+    c.eval_num_examples = 64
+    c.image_every_steps = 30
+    c.checkpoint_every_steps = 15
+    c.num_grid_images = 8
+    c.optimizer.base_learning_rate = 1e-4 / 8
+    c.loss.perceptual_weight = 0.0
+    c.loss.disc_start = 16
+    c.loss.disc_ndf = 16
+    return c

@@ -1,0 +1,80 @@
+"""Config loading, variants, overrides and their errors."""
+
+import glob
+import os
+
+import pytest
+
+from ldm_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("variant", ["", ":smoke"])
+def test_every_config_and_smoke_variant_loads_with_common_fields(path, variant):
+    config = config_lib.load_config(path + variant)
+    config_lib.check_common_fields(config)
+    assert config.mesh.data == -1 and config.mesh.fsdp == 1
+    if variant:
+        assert config.total_steps <= 200 and config.data.source == "digits"
+
+
+def test_design_numbers_in_first_stage_configs():
+    expected = {  # DESIGN.md §2: f, z channels, ch_mult, attn_res, codebook
+        "autoencoder_kl_f4": ("kl", 3, (1, 2, 4), (), 0),
+        "autoencoder_kl_f8": ("kl", 4, (1, 2, 4, 4), (), 0),
+        "autoencoder_kl_f16": ("kl", 16, (1, 1, 2, 2, 4), (16,), 0),
+        "autoencoder_kl_f32": ("kl", 64, (1, 1, 2, 2, 4, 4), (16, 8), 0),
+        "autoencoder_vq_f4": ("vq", 3, (1, 2, 4), (), 8192),
+        "autoencoder_vq_f8": ("vq", 4, (1, 2, 2, 4), (32,), 16384),
+        "autoencoder_vq_f16": ("vq", 8, (1, 1, 2, 2, 4), (16,), 16384),
+    }
+    for name, (kind, z, mult, attn, n_embed) in expected.items():
+        c = config_lib.load_config(os.path.join(ROOT, "configs", name + ".py"))
+        assert (c.model.kind, c.model.z_channels, c.model.ch_mult, c.model.attn_resolutions) == (
+            kind, z, mult, attn), name
+        assert c.model.ch == 128 and c.model.num_res_blocks == 2 and c.model.dropout == 0.0
+        assert c.optimizer.base_learning_rate == 4.5e-6 and (c.optimizer.b1, c.optimizer.b2) == (0.5, 0.9)
+        assert c.loss.disc_weight == (0.5 if kind == "kl" else 0.75)
+        if kind == "kl":
+            assert c.loss.kl_weight == 1e-6 and c.loss.disc_start == 50001
+        else:
+            assert c.model.n_embed == n_embed and c.model.beta == 0.25
+
+
+def _digits():
+    return config_lib.load_config(os.path.join(ROOT, "configs", "autoencoder_kl_f4_digits.py"))
+
+
+def test_overrides_are_typed():
+    c = config_lib.apply_overrides(_digits(), [
+        "total_steps=7", "optimizer.base_learning_rate=0.5", "model.ch_mult=1,2", "data.random_flip=true",
+        "data.data_dir=/tmp/x", "data.name=foo"])
+    assert c.total_steps == 7 and c.optimizer.base_learning_rate == 0.5
+    assert c.model.ch_mult == (1, 2) and c.data.random_flip is True
+    assert c.data.data_dir == "/tmp/x" and c.data.name == "foo"
+
+
+def test_unknown_key_is_a_clear_error():
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'totl_steps'.*total_steps"):
+        config_lib.apply_overrides(_digits(), ["totl_steps=3"])
+    with pytest.raises(config_lib.ConfigError, match=r"'model.chh'.*model.ch"):
+        config_lib.apply_overrides(_digits(), ["model.chh=3"])
+
+
+def test_ill_typed_value_is_a_clear_error():
+    with pytest.raises(config_lib.ConfigError, match=r"total_steps=abc: expected an integer"):
+        config_lib.apply_overrides(_digits(), ["total_steps=abc"])
+    with pytest.raises(config_lib.ConfigError, match=r"expected a boolean"):
+        config_lib.apply_overrides(_digits(), ["data.random_flip=maybe"])
+    with pytest.raises(config_lib.ConfigError, match=r"group of settings"):
+        config_lib.apply_overrides(_digits(), ["model=3"])
+
+
+def test_missing_config_file_and_unknown_variant():
+    with pytest.raises(config_lib.ConfigError, match="does not exist"):
+        config_lib.load_config("configs/nope.py")
+    with pytest.raises(ValueError, match="unknown variant"):
+        config_lib.load_config(os.path.join(ROOT, "configs", "autoencoder_kl_f4.py:big"))
