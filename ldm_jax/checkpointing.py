@@ -72,8 +72,9 @@ class Checkpointer:
         """Restores the state onto the shardings in `abstract_state`; checks config compatibility."""
         meta = self.read_meta(step)
         saved = meta.get("config", {})
+        current = json.loads(json.dumps(config_json))  # tuples -> lists, as saved.
         for field in _MODEL_DEFINING_FIELDS:
-            if field in saved and saved[field] != config_json.get(field):
+            if field in saved and saved[field] != current.get(field):
                 raise CheckpointError(
                     f"checkpoint {self.directory}/{step} was written with a different "
                     f"config.{field} than this run (saved: {json.dumps(saved[field], sort_keys=True)};"

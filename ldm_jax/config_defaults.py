@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32).
     c.check_finite = True  # stop with a clear error on NaN/Inf loss or gradients.
+    # Persistent XLA compilation cache: a rerun (resume) of the same run skips recompiling.
+    # '' disables it.
+    c.compilation_cache_dir = "~/.cache/ldm_jax/xla"
 
     # Mesh axis sizes; -1 fills with the remaining devices. The batch is split over both axes;
     # parameters and optimiser state are sharded over `fsdp` by `sharding.param_rules`.

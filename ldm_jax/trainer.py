@@ -5,7 +5,7 @@ Order of work (also the resume order):
  2. abstract state -> shardings; restore the latest checkpoint in `<workdir>/checkpoints` onto
     the current mesh, or initialise under jit with those shardings;
  3. open the input pipeline at the saved data position;
- 4. compile every step variant ahead of time with the state donated;
+ 4. compile the step ahead of time with the state donated (other step variants on first use);
  5. loop: step, log (progress line, metrics.jsonl, TensorBoard), images, eval, checkpoint;
     SIGTERM saves a checkpoint and exits cleanly; NaN/Inf stops with the last good checkpoint.
 """
@@ -91,6 +91,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config.stage` in `workdir`, resuming from its latest checkpoint; returns the last
     logged metrics (and eval results under 'eval_*')."""
     config_lib.check_common_fields(config)
+    if config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divides(config.batch_size, mesh)
     task = make_task(config)
@@ -106,7 +109,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     example.pop("mask", None)
     abstract_batch = sharding.abstract_batch(example, mesh)
     rng = jax.random.key(config.seed)
-    init_fn = functools.partial(task.init_state, example_images=abstract_batch["image"])
+    init_fn = functools.partial(task.init_state, image_shape=abstract_batch["image"].shape)
     abstract_state = jax.eval_shape(init_fn, rng)
     state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding)
     abstract_state = jax.tree_util.tree_map(
@@ -128,25 +131,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
                                               seed=config.seed, start_step=data_step)
 
-    # --- compile every step variant before the loop ----------------------------------------
+    # --- compile the step before the loop (state donated); the eval step too -----------------
+    # A stage with several step variants (the first stage's 'rec' and 'gan') compiles the
+    # variant the run starts in now and each other one once, when the run first reaches it.
     batch_sharding = sharding.batch_sharding(mesh)
     batch_shardings = {k: batch_sharding for k in abstract_batch}
     replicated = sharding.replicated(mesh)
-    compiled, t0 = {}, time.perf_counter()
-    for phase in task.phases():
-        step_fn = jax.jit(functools.partial(task.train_step, phase=phase),
-                          in_shardings=(state_shardings, batch_shardings),
-                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-        compiled[phase] = step_fn.lower(abstract_state, abstract_batch).compile()
+    compiled = {}
+
+    def compiled_step(phase: str):
+        if phase not in compiled:
+            t0 = time.perf_counter()
+            step_fn = jax.jit(functools.partial(task.train_step, phase=phase),
+                              in_shardings=(state_shardings, batch_shardings),
+                              out_shardings=(state_shardings, replicated), donate_argnums=0)
+            compiled[phase] = step_fn.lower(abstract_state, abstract_batch).compile()
+            print(f"Compiled train step '{phase}' in {time.perf_counter() - t0:.1f}s on mesh "
+                  f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} "
+                  f"process(es)).", flush=True)
+        return compiled[phase]
+
+    if start_step < config.total_steps:
+        compiled_step(task.phase_for_step(start_step))
     eval_batch = dict(abstract_batch, mask=jax.ShapeDtypeStruct(
         abstract_batch["image"].shape[:1], np.bool_, sharding=batch_sharding))
     eval_fn = jax.jit(task.eval_step, in_shardings=(state_shardings, {k: batch_sharding for k in eval_batch}),
-                      out_shardings=replicated).lower(abstract_state, eval_batch).compile()
+                      out_shardings=replicated)
     image_fn = jax.jit(task.image_step, in_shardings=(state_shardings, batch_shardings))
-    compile_seconds = time.perf_counter() - t0
-    print(f"Compiled {len(compiled)} train step variant(s) + eval in {compile_seconds:.1f}s on "
-          f"mesh {dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} process(es)).",
-          flush=True)
 
     image_batch = sharding.global_batch(example, mesh)
     writer = logging_utils.MetricWriter(workdir)
@@ -175,7 +186,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step_num = start_step
         for step in range(start_step, config.total_steps):
             batch = sharding.global_batch(next(train_iter), mesh)
-            state, step_metrics = compiled[task.phase_for_step(step)](state, batch)
+            state, step_metrics = compiled_step(task.phase_for_step(step))(state, batch)
             pending.append(step_metrics)
             step_num = step + 1
             is_last = step_num == config.total_steps

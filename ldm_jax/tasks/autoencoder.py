@@ -71,8 +71,9 @@ class AutoencoderTask:
         """'gan' from the step the reference's adopt_weight switches the discriminator on."""
         return "gan" if step >= self.config.loss.disc_start else "rec"
 
-    def init_state(self, rng: jax.Array, example_images: jax.Array) -> TrainState:
+    def init_state(self, rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
         """Fresh parameters and optimiser states (call under jit with output shardings)."""
+        example_images = jnp.zeros(image_shape, jnp.float32)
         k_model, k_sample, k_disc, k_state = jax.random.split(rng, 4)
         variables = self.model.init({"params": k_model, "sample": k_sample, "dropout": k_sample},
                                     example_images)

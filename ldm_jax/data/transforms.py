@@ -1,0 +1,131 @@
+"""Pure numpy / PIL image preprocessing for the input pipeline.
+
+No TensorFlow and no JAX here: these functions run inside grain worker threads on host CPU.
+All randomness comes from a `numpy.random.Generator` passed in by the caller, so the pipeline
+can make it a function of (seed, global example position).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def to_rgb_uint8(image, key: str = "image") -> np.ndarray:
+    """Validates an image array and returns it as (H, W, 3) uint8.
+
+    Greyscale (H, W) or (H, W, 1) is replicated to 3 channels and (H, W, 4) RGBA drops its
+    alpha channel; anything else (other ranks, 2 or 5+ channels, non-uint8 dtypes) raises a
+    ValueError naming the feature key and the expected shape, because silently reinterpreting
+    such arrays would train on garbage.
+
+    Args:
+      image: array-like image.
+      key: name of the feature the image came from (for the error message).
+    """
+    image = np.asarray(image)
+    expected = "(H, W, 3) uint8 (or greyscale (H, W) / (H, W, 1), or RGBA (H, W, 4))"
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"Feature {key!r} (data.image_key) has shape {image.shape}; expected {expected}. "
+            "Check data.image_key points at an image feature, or convert the data."
+        )
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"Feature {key!r} (data.image_key) has dtype {image.dtype}; expected {expected}."
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"Feature {key!r} (data.image_key) is an empty image: {image.shape}.")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.shape[-1] == 4:
+        image = image[:, :, :3]
+    return image
+
+
+def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes (H, W, 3) uint8 so its short side is `size`, keeping the aspect ratio.
+
+    Uses PIL bicubic, which is antialiased when downsampling (the filter support scales with
+    the reduction factor), so large photos do not alias. No-op if the short side already is
+    `size`.
+    """
+    h, w = image.shape[:2]
+    if min(h, w) == size:
+        return image
+    scale = size / min(h, w)
+    # max(size, ...) guards against rounding the long side below the crop size.
+    if h <= w:
+        new_h, new_w = size, max(size, int(round(w * scale)))
+    else:
+        new_h, new_w = max(size, int(round(h * scale))), size
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    return np.asarray(pil.resize((new_w, new_h), Image.BICUBIC), dtype=np.uint8)
+
+
+def crop(image: np.ndarray, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Crops a `size` x `size` window: uniformly random if `rng` is given, else centered."""
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"Cannot crop {size}x{size} from an image of shape {image.shape}.")
+    if rng is None:
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top = int(rng.integers(0, h - size + 1))
+        left = int(rng.integers(0, w - size + 1))
+    return image[top : top + size, left : left + size]
+
+
+def maybe_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flips left-right with probability 1/2."""
+    if rng.random() < 0.5:
+        return image[:, ::-1]
+    return image
+
+
+def uint8_to_float(image: np.ndarray) -> np.ndarray:
+    """Scales uint8 0..255 to float32 in [-1, 1]."""
+    return image.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
+
+
+def images_to_uint8(images) -> np.ndarray:
+    """Inverse of `uint8_to_float`: float in [-1, 1] (numpy or jax array) -> uint8 0..255.
+
+    Values outside [-1, 1] (e.g. model samples) are clipped.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def preprocess_image(
+    image,
+    image_size: int,
+    *,
+    rng: np.random.Generator | None = None,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    key: str = "image",
+) -> np.ndarray:
+    """Full image preprocessing: validate -> resize short side -> crop -> flip -> [-1, 1].
+
+    Args:
+      image: array-like (H, W[, C]) uint8 image.
+      image_size: output height = width.
+      rng: source of randomness; required if `random_crop` or `random_flip`.
+      random_crop: random crop (train) instead of center crop (eval).
+      random_flip: random horizontal flip.
+      key: feature name, for error messages.
+
+    Returns:
+      float32 array (image_size, image_size, 3) in [-1, 1].
+    """
+    if (random_crop or random_flip) and rng is None:
+        raise ValueError("random_crop / random_flip need an rng.")
+    image = to_rgb_uint8(image, key)
+    image = resize_short_side(image, image_size)
+    image = crop(image, image_size, rng if random_crop else None)
+    if random_flip:
+        image = maybe_flip(image, rng)
+    return uint8_to_float(image)
