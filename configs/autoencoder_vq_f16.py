@@ -1,7 +1,7 @@
 """VQ-f16: 16x16x8 latents, codebook 16384, attention at 16 px.
 
 Variants: none (the paper's run on ImageNet from TFDS at 256 px; needs the LPIPS weight files:
---config.loss.lpips_vgg_weights=... --config.loss.lpips_lin_weights=...), `smoke` (a tiny real
+--config.loss.lpips_weights=vgg16-397923af.pth,vgg.pth), `smoke` (a tiny real
 run on the embedded digits, < 2 minutes on 2 CPU cores).
 """
 

@@ -105,9 +105,9 @@ def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
     l.pixel_weight = 1.0
     l.perceptual_weight = 1.0
     # LPIPS needs the public weight files (no download at run time): torchvision's
-    # vgg16-397923af.pth and the lpips package's weights/v0.1/vgg.pth, or one converted .npz.
-    l.lpips_vgg_weights = ""
-    l.lpips_lin_weights = ""
+    # vgg16-397923af.pth and the lpips package's weights/v0.1/vgg.pth, comma separated, or one
+    # combined .npz made by `python -m ldm_jax.models.lpips --vgg ... --lin ... --out x.npz`.
+    l.lpips_weights = ""
     l.kl_weight = 1e-6
     l.codebook_weight = 1.0
     l.logvar_init = 0.0

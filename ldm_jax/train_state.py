@@ -76,7 +76,7 @@ def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads):
 
 
 def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
 def all_finite(*values) -> jax.Array:

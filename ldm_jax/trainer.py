@@ -65,19 +65,19 @@ def _mean_metrics(pending: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
 
 
-def _evaluate(task, state, compiled_eval, config, mesh) -> dict:
+def _evaluate(task, state, constants, compiled_eval, config, mesh) -> dict:
     """One pass over the held-out split; sums are accumulated on device then summarised."""
     totals = None
     iterator = pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size,
                                            num_examples=config.eval_num_examples)
     for local in iterator:
-        sums = compiled_eval(state, sharding.global_batch(local, mesh))
+        sums = compiled_eval(state, sharding.global_batch(local, mesh), constants)
         totals = sums if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, sums)
     return task.summarise_eval(jax.device_get(totals))
 
 
-def _write_images(task, state, image_step, image_batch, workdir, step, writer, num):
-    sets = _to_host(image_step(state, image_batch))
+def _write_images(state, constants, image_step, image_batch, workdir, step, writer, num):
+    sets = _to_host(image_step(state, image_batch, constants))
     rows = [logging_utils.to_uint8(images[:num]) for images in sets.values()]
     grid = logging_utils.make_grid(np.concatenate(rows), ncols=num)
     name = "_".join(sets.keys())
@@ -138,14 +138,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     batch_shardings = {k: batch_sharding for k in abstract_batch}
     replicated = sharding.replicated(mesh)
     compiled = {}
+    constants = jax.device_put(task.constants(), replicated)
+    constants_shardings = jax.tree_util.tree_map(lambda _: replicated, constants)
+    abstract_constants = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), constants)
 
     def compiled_step(phase: str):
         if phase not in compiled:
             t0 = time.perf_counter()
             step_fn = jax.jit(functools.partial(task.train_step, phase=phase),
-                              in_shardings=(state_shardings, batch_shardings),
+                              in_shardings=(state_shardings, batch_shardings, constants_shardings),
                               out_shardings=(state_shardings, replicated), donate_argnums=0)
-            compiled[phase] = step_fn.lower(abstract_state, abstract_batch).compile()
+            compiled[phase] = step_fn.lower(abstract_state, abstract_batch, abstract_constants).compile()
             print(f"Compiled train step '{phase}' in {time.perf_counter() - t0:.1f}s on mesh "
                   f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} "
                   f"process(es)).", flush=True)
@@ -155,9 +159,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         compiled_step(task.phase_for_step(start_step))
     eval_batch = dict(abstract_batch, mask=jax.ShapeDtypeStruct(
         abstract_batch["image"].shape[:1], np.bool_, sharding=batch_sharding))
-    eval_fn = jax.jit(task.eval_step, in_shardings=(state_shardings, {k: batch_sharding for k in eval_batch}),
-                      out_shardings=replicated)
-    image_fn = jax.jit(task.image_step, in_shardings=(state_shardings, batch_shardings))
+    eval_fn = jax.jit(task.eval_step, in_shardings=(
+        state_shardings, {k: batch_sharding for k in eval_batch}, constants_shardings),
+        out_shardings=replicated)
+    image_fn = jax.jit(task.image_step, in_shardings=(state_shardings, batch_shardings,
+                                                      constants_shardings))
 
     image_batch = sharding.global_batch(example, mesh)
     writer = logging_utils.MetricWriter(workdir)
@@ -186,7 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step_num = start_step
         for step in range(start_step, config.total_steps):
             batch = sharding.global_batch(next(train_iter), mesh)
-            state, step_metrics = compiled_step(task.phase_for_step(step))(state, batch)
+            state, step_metrics = compiled_step(task.phase_for_step(step))(state, batch, constants)
             pending.append(step_metrics)
             step_num = step + 1
             is_last = step_num == config.total_steps
@@ -199,10 +205,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 writer.write(step_num, logged)
                 last_metrics = logged
             if config.image_every_steps and (step_num % config.image_every_steps == 0 or is_last):
-                _write_images(task, state, image_fn, image_batch, workdir, step_num, writer,
+                _write_images(state, constants, image_fn, image_batch, workdir, step_num, writer,
                               config.num_grid_images)
             if config.eval_every_steps and (step_num % config.eval_every_steps == 0 or is_last):
-                results = _evaluate(task, state, eval_fn, config, mesh)
+                results = _evaluate(task, state, constants, eval_fn, config, mesh)
                 writer.write(step_num, {f"eval_{k}": v for k, v in results.items()})
                 last_metrics.update({f"eval_{k}": v for k, v in results.items()})
                 print(f"eval @ {step_num}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()),

@@ -40,7 +40,7 @@ class AutoencoderTask:
         self.model = ae_models.make_first_stage(config.model, self.dtype)
         self.disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
                                         norm=config.loss.disc_norm)
-        self.lpips_fn = self._make_lpips(config)
+        self.lpips_params = self._load_lpips(config)
         self.gen_tx, self.gen_lr = make_optimizer(
             config.optimizer, global_batch_size=config.batch_size, total_steps=config.total_steps)
         self.disc_tx, _ = make_optimizer(
@@ -52,16 +52,24 @@ class AutoencoderTask:
                              f"{config.model.resolution}; set both to the training image size.")
 
     @staticmethod
-    def _make_lpips(config):
-        """LPIPS from the public weight files, or None; a perceptual weight needs the files."""
+    def _load_lpips(config):
+        """LPIPS parameters from the public weight files, or None when no perceptual term (and
+        no evaluation LPIPS) is wanted; a perceptual weight > 0 without files is an error."""
         loss_cfg = config.loss
-        if loss_cfg.perceptual_weight <= 0 and not loss_cfg.lpips_vgg_weights:
+        if loss_cfg.perceptual_weight <= 0 and not loss_cfg.lpips_weights:
             return None
         from ldm_jax.models import lpips
-        lpips.require_lpips_weights(loss_cfg.lpips_vgg_weights or None, "loss.lpips_vgg_weights")
-        lpips.require_lpips_weights(loss_cfg.lpips_lin_weights or None, "loss.lpips_lin_weights")
-        params = lpips.load_lpips_params(loss_cfg.lpips_vgg_weights, loss_cfg.lpips_lin_weights)
-        return lpips.make_lpips_fn(params)
+        paths = lpips.require_lpips_weights(loss_cfg.lpips_weights or None, "loss.lpips_weights")
+        return lpips.load_lpips_params(*paths)
+
+    def constants(self) -> dict:
+        """Frozen inputs of the steps (passed as arguments, not baked into the executable)."""
+        return {} if self.lpips_params is None else {"lpips": self.lpips_params}
+
+    @staticmethod
+    def _lpips(constants, x, y):
+        from ldm_jax.models.lpips import LPIPS
+        return LPIPS().apply({"params": jax.lax.stop_gradient(constants["lpips"])}, x, y)
 
     # ----------------------------------------------------------------------------- state
     def phases(self) -> tuple[str, ...]:
@@ -86,9 +94,10 @@ class AutoencoderTask:
                           ema_params=None, rng=jax.random.key_data(k_state))
 
     # ----------------------------------------------------------------------------- losses
-    def _nll(self, x, recon, logvar):
+    def _nll(self, constants, x, recon, logvar):
         cfg = self.config.loss
-        perceptual = self.lpips_fn(x, recon) if (self.lpips_fn and cfg.perceptual_weight > 0) else None
+        perceptual = self._lpips(constants, x, recon) if (
+            "lpips" in constants and cfg.perceptual_weight > 0) else None
         rec = losses.reconstruction_loss(x, recon, pixel_weight=cfg.pixel_weight,
                                          perceptual=perceptual, perceptual_weight=cfg.perceptual_weight)
         nll = losses.kl_nll(rec, logvar) if self.kind == "kl" else losses.vq_nll(rec)
@@ -97,7 +106,7 @@ class AutoencoderTask:
     def _disc_logits(self, disc_params, images):
         return self.disc.apply({"params": disc_params}, images).astype(jnp.float32)
 
-    def _generator_loss(self, gen_params, disc_params, x, rng, phase):
+    def _generator_loss(self, gen_params, disc_params, constants, x, rng, phase):
         cfg = self.config.loss
         k_sample, k_drop = jax.random.split(rng)
         call_kwargs = {"sample_posterior": True} if self.kind == "kl" else {}
@@ -105,7 +114,7 @@ class AutoencoderTask:
                                rngs={"sample": k_sample, "dropout": k_drop}, **call_kwargs)
         recon = out["recon"]
         logvar = gen_params["logvar"] if cfg.learn_logvar else jax.lax.stop_gradient(gen_params["logvar"])
-        nll, rec_mean = self._nll(x, recon, logvar)
+        nll, rec_mean = self._nll(constants, x, recon, logvar)
         reg_weight = cfg.kl_weight if self.kind == "kl" else cfg.codebook_weight
         loss = nll + reg_weight * out["reg_loss"]
         aux = {"nll": nll, "rec_loss": rec_mean, "logvar": gen_params["logvar"]}
@@ -117,12 +126,13 @@ class AutoencoderTask:
         if phase == "gan":
             logits_fake = self._disc_logits(disc_params, recon)
             g_loss = losses.generator_adversarial_loss(logits_fake)
-            d_weight = self._adaptive_weight(gen_params, disc_params, x, out["decoder_features"])
+            d_weight = self._adaptive_weight(gen_params, disc_params, constants, x,
+                                             out["decoder_features"])
             loss = loss + d_weight * cfg.disc_factor * g_loss
             aux.update(g_loss=g_loss, d_weight=d_weight)
         return loss, (aux, recon)
 
-    def _adaptive_weight(self, gen_params, disc_params, x, features):
+    def _adaptive_weight(self, gen_params, disc_params, constants, x, features):
         """Gradient norms of nll and g_loss w.r.t. the decoder's last conv kernel.
 
         Only conv_out is re-applied to the (stop-gradient) decoder features, so this costs one
@@ -135,7 +145,7 @@ class AutoencoderTask:
 
         def nll_of(conv_params):
             recon = ae_models.apply_decoder_conv_out(conv_params, features, self.dtype)
-            return self._nll(x, recon, logvar)[0]
+            return self._nll(constants, x, recon, logvar)[0]
 
         def g_of(conv_params):
             recon = ae_models.apply_decoder_conv_out(conv_params, features, self.dtype)
@@ -154,13 +164,14 @@ class AutoencoderTask:
         return d_loss, {"logits_real": jnp.mean(logits_real), "logits_fake": jnp.mean(logits_fake)}
 
     # ----------------------------------------------------------------------------- steps
-    def train_step(self, state: TrainState, batch: dict, phase: str) -> tuple[TrainState, dict]:
+    def train_step(self, state: TrainState, batch: dict, constants: dict,
+                   phase: str) -> tuple[TrainState, dict]:
         """One generator (+ discriminator in phase 'gan') update. Pure; jitted by the loop."""
         x = batch["image"]
         rng = state.step_rng()
         gen, disc = state.params["generator"], state.params["discriminator"]
         (loss, (aux, recon)), gen_grads = jax.value_and_grad(self._generator_loss, has_aux=True)(
-            gen, disc, x, rng, phase)
+            gen, disc, constants, x, rng, phase)
         new_gen, gen_opt = apply_gradients(self.gen_tx, gen, state.opt_state["generator"], gen_grads)
         grad_norm = global_norm(gen_grads)
         metrics_out = dict(aux, loss=loss, grad_norm=grad_norm, lr=self.gen_lr(state.step))
@@ -188,7 +199,7 @@ class AutoencoderTask:
             out = self.model.apply({"params": model_params}, images)
         return out
 
-    def eval_step(self, state: TrainState, batch: dict) -> dict:
+    def eval_step(self, state: TrainState, batch: dict, constants: dict) -> dict:
         """Masked sums over the batch of PSNR, SSIM (LPIPS) and, for VQ, a code histogram."""
         x, mask = batch["image"], batch["mask"].astype(jnp.float32)
         out = self.reconstruct(state.params, x)
@@ -198,8 +209,8 @@ class AutoencoderTask:
                 "l1": jnp.sum(jnp.mean(jnp.abs(x - recon), axis=(1, 2, 3)) * mask)}
         if x.shape[1] >= 11:
             sums["ssim"] = jnp.sum(metrics.ssim(x, recon) * mask)
-        if self.lpips_fn is not None:
-            sums["lpips"] = jnp.sum(self.lpips_fn(x, recon) * mask)
+        if "lpips" in constants:
+            sums["lpips"] = jnp.sum(self._lpips(constants, x, recon) * mask)
         if self.kind == "vq":
             n = self.config.model.n_embed
             onehot = jax.nn.one_hot(out["indices"], n, dtype=jnp.float32)
@@ -218,7 +229,7 @@ class AutoencoderTask:
         result["num_examples"] = float(sums["count"])
         return result
 
-    def image_step(self, state: TrainState, batch: dict) -> dict:
+    def image_step(self, state: TrainState, batch: dict, constants: dict) -> dict:
         """Named image sets (in [-1, 1]) for the PNG grids: inputs and reconstructions."""
         out = self.reconstruct(state.params, batch["image"])
         return {"inputs": batch["image"], "reconstructions": jnp.clip(out["recon"], -1.0, 1.0)}

@@ -1,0 +1,107 @@
+"""Loading a trained first stage (autoencoder) from its run directory, with an identity.
+
+Stage 2 encodes with it (precompute_latents) and decodes with it (sample grids, sampling); the
+identity (model config hash, checkpoint step, parameter hash) is written into the latent data
+set's metadata so training refuses latents that came from a different autoencoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ldm_jax.models import autoencoder as ae_models
+
+
+class FirstStageError(ValueError):
+    """The first-stage run directory is missing, incomplete or not an autoencoder run."""
+
+
+@dataclasses.dataclass
+class FirstStage:
+    """A frozen autoencoder: model, parameters, its config and identity."""
+
+    model: Any
+    params: Any
+    config: ml_collections.ConfigDict
+    identity: dict
+
+    @property
+    def kind(self) -> str:
+        return self.config.model.kind
+
+    @property
+    def downsampling_factor(self) -> int:
+        return ae_models.downsampling_factor(self.config.model)
+
+    @property
+    def latent_channels(self) -> int:
+        return ae_models.latent_channels(self.config.model)
+
+    def encode_moments(self, params, images: jax.Array) -> jax.Array:
+        """KL: posterior moments [B,h,w,2C] (mean, logvar); VQ: pre-quantisation latents [B,h,w,C]."""
+        if self.kind == "kl":
+            posterior = self.model.apply({"params": params}, images, method=self.model.encode)
+            return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
+        return self.model.apply({"params": params}, images, method=self.model.encode)
+
+    def decode(self, params, latents: jax.Array) -> jax.Array:
+        """Unscaled latents -> images in [-1, 1] (VQ quantises inside decode)."""
+        images = self.model.apply({"params": params}, latents, method=self.model.decode)
+        return jnp.clip(images, -1.0, 1.0)
+
+
+def _params_hash(params) -> str:
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda x: str(x[0])):
+        digest.update(str(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_config_hash(model_cfg) -> str:
+    text = json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(), sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_first_stage(workdir: str, step: int | None = None, dtype=jnp.float32) -> FirstStage:
+    """Loads the generator parameters of an autoencoder run (latest checkpoint by default)."""
+    config_path = os.path.join(workdir, "config.json")
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isfile(config_path) or not os.path.isdir(ckpt_dir):
+        raise FirstStageError(
+            f"--first_stage={workdir}: no first-stage run there (expected {config_path} and "
+            f"{ckpt_dir}/); train one with python -m ldm_jax.train "
+            f"--config=configs/autoencoder_*.py --workdir={workdir}.")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("stage") != "autoencoder":
+        raise FirstStageError(f"--first_stage={workdir} is a {config.get('stage')!r} run, not an "
+                              f"autoencoder run.")
+    with ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta")) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FirstStageError(f"--first_stage={workdir}: the run has no finished checkpoint yet.")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = restored["state"]
+    params = state["params"]["generator"]["model"] if isinstance(state, dict) else \
+        state.params["generator"]["model"]
+    params = jax.tree_util.tree_map(np.asarray, params)
+    model_cfg = config.model
+    # JSON turned tuples into lists; the model wants tuples.
+    for key in ("ch_mult", "attn_resolutions"):
+        model_cfg[key] = tuple(model_cfg[key])
+    model = ae_models.make_first_stage(model_cfg, dtype)
+    identity = {"workdir": os.path.abspath(workdir), "step": int(step),
+                "model_config_hash": model_config_hash(model_cfg), "params_hash": _params_hash(params),
+                "kind": model_cfg.kind}
+    return FirstStage(model=model, params=params, config=config, identity=identity)
