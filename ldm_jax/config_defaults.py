@@ -84,6 +84,7 @@ def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
     m.z_channels = z_channels
     m.embed_dim = embed_dim
     m.dropout = 0.0
+    m.norm_groups = 32  # GroupNorm groups (32 in the paper; small CPU models use fewer).
     m.n_embed = n_embed
     m.beta = 0.25
     m.legacy_beta = False  # True: taming's legacy placement of beta (on the codebook term).
