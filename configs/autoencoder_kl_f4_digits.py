@@ -16,20 +16,21 @@ def get_config(arg=None):
         kind=kind, ch_mult=(1, 2, 4), z_channels=3, embed_dim=3, attn_resolutions=(),
         n_embed=256 if kind == "vq" else 0, resolution=32)
     c.data = config_defaults.data_config(source="digits", image_size=32)
-    c.model.ch = 32
+    c.model.ch = 16
+    c.model.norm_groups = 8
     c.model.num_res_blocks = 1
     c.batch_size = 32
-    c.total_steps = 3000
-    c.log_every_steps = 100
-    c.eval_every_steps = 1000
+    c.total_steps = 600
+    c.log_every_steps = 50
+    c.eval_every_steps = 300
     c.eval_num_examples = 300  # the whole digits test split.
-    c.image_every_steps = 1000
-    c.checkpoint_every_steps = 1000
-    c.optimizer.base_learning_rate = 1e-3 / 32  # x batch 32 = 1e-3 (the paper's 4.5e-6 x batch is
+    c.image_every_steps = 300
+    c.checkpoint_every_steps = 300
+    c.optimizer.base_learning_rate = 2e-3 / 32  # x batch 32 = 2e-3 (the paper's 4.5e-6 x batch is
     # tuned for 256 px ImageNet; this tiny model trains fast at a larger step).
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.99
-    c.optimizer.warmup_steps = 100
+    c.optimizer.warmup_steps = 50
     c.optimizer.schedule = "cosine"
     c.loss.perceptual_weight = 0.0
     c.loss.disc_start = c.total_steps + 1  # discriminator off (see the docstring).

@@ -82,7 +82,7 @@ def _write_images(state, constants, image_step, image_batch, workdir, step, writ
     grid = logging_utils.make_grid(np.concatenate(rows), ncols=num)
     name = "_".join(sets.keys())
     path = os.path.join(workdir, "images", f"{name}_{step:08d}.png")
-    logging_utils.save_png(grid, path, upscale=max(1, 256 // rows[0].shape[1]))
+    logging_utils.save_png(grid, path, upscale=max(1, 64 // rows[0].shape[1]))
     writer.write_image(step, name, grid)
     return path
 
@@ -109,7 +109,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     example.pop("mask", None)
     abstract_batch = sharding.abstract_batch(example, mesh)
     rng = jax.random.key(config.seed)
-    init_fn = functools.partial(task.init_state, image_shape=abstract_batch["image"].shape)
+    first_key = sorted(k for k in abstract_batch if k not in ("index", "label", "mask"))[0]
+    init_fn = functools.partial(task.init_state, image_shape=abstract_batch[first_key].shape)
     abstract_state = jax.eval_shape(init_fn, rng)
     state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding)
     abstract_state = jax.tree_util.tree_map(
@@ -158,7 +159,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if start_step < config.total_steps:
         compiled_step(task.phase_for_step(start_step))
     eval_batch = dict(abstract_batch, mask=jax.ShapeDtypeStruct(
-        abstract_batch["image"].shape[:1], np.bool_, sharding=batch_sharding))
+        abstract_batch[first_key].shape[:1], np.bool_, sharding=batch_sharding))
     eval_fn = jax.jit(task.eval_step, in_shardings=(
         state_shardings, {k: batch_sharding for k in eval_batch}, constants_shardings),
         out_shardings=replicated)

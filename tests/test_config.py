@@ -18,7 +18,7 @@ def test_every_config_and_smoke_variant_loads_with_common_fields(path, variant):
     config_lib.check_common_fields(config)
     assert config.mesh.data == -1 and config.mesh.fsdp == 1
     if variant:
-        assert config.total_steps <= 200 and config.data.source == "digits"
+        assert config.total_steps <= 200 and config.data.source in ("digits", "synthetic_latents")
 
 
 def test_design_numbers_in_first_stage_configs():

@@ -1,0 +1,42 @@
+"""Synthetic latents for stage-2 smoke runs: no first stage and no precompute needed.
+
+Each example is a fixed low-frequency pattern of its class (or of class 0 when unlabelled) plus
+a little per-example noise, so a UNet has real structure to learn and its loss falls within a
+few dozen steps. Deterministic from the example index, random access like every other source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class SyntheticLatentsSource:
+    """`num_examples` latents of `latent_shape`; labels `index % num_classes` when num_classes>0."""
+
+    def __init__(self, latent_shape, num_classes: int = 0, num_examples: int = 1024, seed: int = 0):
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.num_classes = int(num_classes)
+        self.num_examples = int(num_examples)
+        h, w, c = self.latent_shape
+        rng = np.random.default_rng(seed)
+        yy, xx = np.meshgrid(np.linspace(0, np.pi, h), np.linspace(0, np.pi, w), indexing="ij")
+        patterns = []
+        for _ in range(max(self.num_classes, 1)):
+            fy, fx = rng.integers(1, 3, size=2)
+            phase = rng.uniform(0, np.pi, size=c)
+            patterns.append(np.stack([np.sin(fy * yy + p) * np.cos(fx * xx) for p in phase], -1))
+        self._patterns = np.asarray(patterns, np.float32)
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        label = index % self.num_classes if self.num_classes else 0
+        noise = np.random.default_rng((self._seed, index)).normal(size=self.latent_shape)
+        example = {"latent": (self._patterns[label] + 0.1 * noise).astype(np.float32),
+                   "index": np.int64(index)}
+        if self.num_classes:
+            example["label"] = np.int64(label)
+        return example
