@@ -12,6 +12,7 @@ error; the loop never silently starts over.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -102,3 +103,35 @@ def make_meta(*, data_step: int, config_json: dict, extra: dict | None = None) -
             "process_count": jax.process_count(), "device_count": jax.device_count()}
     meta.update(extra or {})
     return meta
+
+
+def restore_raw_state(workdir: str, step: int | None = None) -> tuple[dict, int]:
+    """The saved train state of a run as nested dicts of numpy arrays (for inference tools).
+
+    Reads without a target structure, so it needs neither the task nor the training mesh.
+    """
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"--workdir={workdir}: no checkpoints in {directory}; train first "
+                              f"with python -m ldm_jax.train --workdir={workdir}.")
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"--workdir={workdir}: the run has no finished checkpoint yet.")
+        try:
+            # Restore every array onto this host's first device, whatever mesh wrote it (a run
+            # trained on 8 GPUs or several hosts is read on 1 device here).
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                manager.item_metadata(int(step))["state"])
+            restored = manager.restore(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))
+        except Exception as e:  # orbax raises many types; all mean "unreadable".
+            raise CheckpointError(f"checkpoint {directory}/{step} is unreadable "
+                                  f"({type(e).__name__}: {e}).") from e
+    state = restored["state"]
+    if not isinstance(state, dict):
+        state = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return state, int(step)

@@ -268,5 +268,5 @@ def smoke_diffusion(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 15
     c.num_grid_images = 8
     c.sampling.num_steps = 10
-    c.optimizer.base_learning_rate = 1e-4 / 8
+    c.optimizer.base_learning_rate = 1e-3 / 8
     return c

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from ldm_jax import checkpointing
 from ldm_jax.models import autoencoder as ae_models
 
 
@@ -87,14 +87,8 @@ def load_first_stage(workdir: str, step: int | None = None, dtype=jnp.float32) -
     if config.get("stage") != "autoencoder":
         raise FirstStageError(f"--first_stage={workdir} is a {config.get('stage')!r} run, not an "
                               f"autoencoder run.")
-    with ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta")) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FirstStageError(f"--first_stage={workdir}: the run has no finished checkpoint yet.")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored["state"]
-    params = state["params"]["generator"]["model"] if isinstance(state, dict) else \
-        state.params["generator"]["model"]
+    state, step = checkpointing.restore_raw_state(workdir, step)
+    params = state["params"]["generator"]["model"]
     params = jax.tree_util.tree_map(np.asarray, params)
     model_cfg = config.model
     # JSON turned tuples into lists; the model wants tuples.

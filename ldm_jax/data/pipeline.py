@@ -29,6 +29,14 @@ Batch dicts (host-local, b = global_batch_size // process_count):
 
 Config fields read (`data` ConfigDict): source, name, data_dir, folder, image_size,
 train_split, eval_split, image_key, label_key, random_crop, random_flip, num_threads, prefetch.
+
+Latents (`data.source='latents'`, records precomputed by `python -m
+ldm_jax.precompute_latents` in `data.latents_dir`): the same streams, shuffling, host slicing
+and resume guarantees, with no image preprocessing; batches hold
+  'moments': float32 [b, h, w, 2C] (KL first stage) or 'latent': float32 [b, h, w, C] (VQ)
+  'label': int32 [b]            (only if data.label_key is set AND the latents carry it)
+  'index', 'mask'               (as above)
+image_size and random_crop are ignored; random_flip (train only) flips latents left-right.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from ldm_jax.data import latents as latents_lib
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms
 
@@ -245,13 +254,26 @@ class BatchIterator:
             close()
 
 
+def _is_latents(data_cfg) -> bool:
+    return data_cfg.get("source", None) in ("latents", "synthetic_latents")
+
+
+def _make_example_fn(data_cfg, *, train: bool):
+    """The per-example transform for the configured source (images, or precomputed latents)."""
+    if _is_latents(data_cfg):
+        return latents_lib.LatentExampleFn(data_cfg, train=train)
+    return _ExampleFn(data_cfg, train=train)
+
+
 def _check_image_size(data_cfg) -> None:
+    if _is_latents(data_cfg):
+        return  # latents are used as stored; there is no image to resize.
     size = data_cfg.get("image_size", None)
     if not isinstance(size, (int, np.integer)) or size < 1:
         raise DataConfigError(f"data.image_size must be a positive int, got {size!r}.")
 
 
-def _validate_first(source, fn: _ExampleFn, what: str) -> None:
+def _validate_first(source, fn, what: str) -> None:
     """Runs the example fn on record 0 in the calling thread, so config errors (wrong key,
     bad image rank) surface at construction with a clean traceback, not in a worker."""
     if len(source) == 0:
@@ -303,7 +325,7 @@ def make_train_iterator(
     _check_image_size(data_cfg)
     if source is None:
         source = sources_lib.make_source(data_cfg, _get(data_cfg, "train_split", "train"))
-    fn = _ExampleFn(data_cfg, train=True)
+    fn = _make_example_fn(data_cfg, train=True)
     _validate_first(source, fn, "train")
 
     shuffle_seed, aug_seed = _derive_seeds(seed)
@@ -358,7 +380,7 @@ def make_eval_iterator(
     _check_image_size(data_cfg)
     if source is None:
         source = sources_lib.make_source(data_cfg, _get(data_cfg, "eval_split", "test"))
-    fn = _ExampleFn(data_cfg, train=False)
+    fn = _make_example_fn(data_cfg, train=False)
     _validate_first(source, fn, "eval")
     n = len(source) if num_examples is None else min(int(num_examples), len(source))
     if n < 1:
@@ -384,7 +406,12 @@ def dataset_info(data_cfg) -> dict[str, Any]:
     Returns:
       {'num_train_examples': int, 'num_eval_examples': int (0 if no data.eval_split),
        'image_shape': (H, W, 3) after preprocessing, 'num_classes': int or None}.
+      For data.source='latents' also 'latent_key' ('moments' | 'latent'), 'latent_shape'
+      [h, w, C] and 'latents_metadata' (the precompute's metadata); 'image_shape' is then
+      the decoded image shape (h*f, w*f, 3).
     """
+    if _is_latents(data_cfg):
+        return _latents_dataset_info(data_cfg)
     _check_image_size(data_cfg)
     train = sources_lib.make_source(data_cfg, _get(data_cfg, "train_split", "train"))
     eval_split = data_cfg.get("eval_split", None)
@@ -397,6 +424,24 @@ def dataset_info(data_cfg) -> dict[str, Any]:
         "num_eval_examples": num_eval,
         "image_shape": (size, size, 3),
         "num_classes": num_classes,
+    }
+
+
+def _latents_dataset_info(data_cfg) -> dict[str, Any]:
+    train = sources_lib.make_source(data_cfg, _get(data_cfg, "train_split", "train"))
+    eval_split = data_cfg.get("eval_split", None)
+    num_eval = len(sources_lib.make_source(data_cfg, eval_split)) if eval_split else 0
+    meta = train.metadata
+    label_key = data_cfg.get("label_key", None)
+    h, w, _ = meta["latent_shape"]
+    return {
+        "num_train_examples": len(train),
+        "num_eval_examples": num_eval,
+        "image_shape": (h * meta["f"], w * meta["f"], 3),
+        "num_classes": train.num_classes.get(label_key) if label_key else None,
+        "latent_key": meta["latent_key"],
+        "latent_shape": tuple(meta["latent_shape"]),
+        "latents_metadata": meta,
     }
 
 

@@ -1,8 +1,10 @@
-"""Random-access image sources: TFDS (array_record) data sets, image folders, embedded digits.
+"""Random-access image sources: TFDS (array_record) data sets, image folders, embedded digits
+(and precomputed latents, `ldm_jax.data.latents`).
 
 A source is any object with `__len__` and `__getitem__(i) -> dict of numpy arrays` (grain's
 `RandomAccessDataSource` protocol); sources here may also implement `__getitems__` for
-batched reads and carry `num_classes` ({feature key: number of classes}).
+batched reads and carry `num_classes` ({feature key: number of classes}); TFDS-backed sources
+also expose `features` (the TFDS FeaturesDict, or None where unknown).
 
 TensorFlow is optional: TFDS data prepared as `array_record` is read through
 `builder.as_data_source()` with no TF at all. Only `tfrecord`-format data sets need TF (read
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SOURCES = ("digits", "tfds", "folder")
+SOURCES = ("digits", "tfds", "folder", "latents", "synthetic_latents")
 # Fraction (in percent) of a split-less image folder that goes to the `test` split.
 FOLDER_TEST_PERCENT = 5
 
@@ -64,6 +66,11 @@ class TfdsSource:
         self.split = split
         self.num_classes = num_classes
 
+    @property
+    def features(self):
+        """The data set's TFDS FeaturesDict (None if the data source does not say)."""
+        return getattr(getattr(self._ds, "dataset_info", None), "features", None)
+
     def __len__(self) -> int:
         return len(self._ds)
 
@@ -92,6 +99,7 @@ class EncodedRecordsSource:
         self.name = name
         self.split = split
         self.num_classes = num_classes
+        self.features = None  # set by _load_tfrecord
 
     def __len__(self) -> int:
         return len(self._records)
@@ -117,6 +125,7 @@ class CachedSource:
         self._source = source
         self._cache: dict[int, dict] = {}
         self.num_classes = getattr(source, "num_classes", {})
+        self.features = getattr(source, "features", None)
 
     def __len__(self) -> int:
         return len(self._source)
@@ -180,9 +189,11 @@ def _load_tfrecord(builder, name: str, split: str, num_classes: dict[str, int]):
     decoders = {k: tfds.decode.SkipDecoding() for k in image_keys}
     ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
     records = list(tfds.as_numpy(ds))
-    return EncodedRecordsSource(
+    source = EncodedRecordsSource(
         records, image_keys, name=name, split=split, num_classes=num_classes
     )
+    source.features = builder.info.features
+    return source
 
 
 def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
@@ -382,7 +393,8 @@ def folder_source(folder: str | os.PathLike | None, split: str, image_key: str =
 def make_source(data_cfg, split: str):
     """Builds the source for `split` from a `data` config (see `ldm_jax.data.pipeline`).
 
-    Dispatches on `data.source`: 'digits' | 'tfds' | 'folder'.
+    Dispatches on `data.source`: 'digits' | 'tfds' | 'folder' | 'latents' (precomputed
+    first-stage latents in `data.latents_dir`, see `ldm_jax.data.latents`).
     """
     kind = data_cfg.get("source", None)
     data_dir = data_cfg.get("data_dir", None)
@@ -394,4 +406,13 @@ def make_source(data_cfg, split: str):
         return folder_source(
             data_cfg.get("folder", None), split, data_cfg.get("image_key", "image") or "image"
         )
+    if kind == "synthetic_latents":
+        from ldm_jax.data.synthetic import SyntheticLatentsSource
+        # Held-out split: other noise on the same class patterns.
+        return SyntheticLatentsSource(data_cfg.get("latent_shape"), data_cfg.get("num_classes", 0),
+                                      noise_seed=0 if split == data_cfg.get("train_split", "train") else 1)
+    if kind == "latents":
+        from ldm_jax.data import latents  # imported here: latents imports this module.
+
+        return latents.latents_source(data_cfg.get("latents_dir", None), split)
     raise DataConfigError(f"Unknown data.source={kind!r}; expected one of {list(SOURCES)}.")

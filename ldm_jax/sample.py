@@ -1,0 +1,122 @@
+"""Command line: sample a trained latent diffusion run and decode through its first stage.
+
+  python -m ldm_jax.sample --workdir=runs/ldm_digits --num=64 --sampler=ddim --steps=50 \
+      --out=samples/ [--eta=0] [--guidance_scale=2] [--labels=0,1,2] [--seed=0] [--no_ema]
+
+Writes `<out>/000000.png ...` (one PNG per sample), `<out>/grid.png` and `<out>/samples.npz`
+(`images` uint8 [N, H, W, 3], plus `labels` int32 [N] for class-conditional runs). Samples come
+from the EMA weights unless --no_ema. Batches are sharded over all devices; the noise of batch
+i is a function of (seed, i) only, so the same seed gives the same samples on any device count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax import checkpointing, logging_utils, sharding
+from ldm_jax.diffusion import samplers
+
+
+def load_run(workdir: str):
+    """(config, task) of a stage-2 run directory."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--workdir={workdir}: no config.json there; is it a training run?")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.stage != "diffusion":
+        raise ValueError(f"--workdir={workdir} is a {config.stage!r} run; sampling needs a "
+                         f"diffusion (stage 2) run.")
+    from ldm_jax.tasks.diffusion import DiffusionTask
+    return config, DiffusionTask(config)
+
+
+def generate(task, params, constants, *, num: int, batch_size: int, seed: int, sampler,
+             guidance_scale: float, labels: np.ndarray | None, mesh) -> np.ndarray:
+    """uint8 images [num, H, W, 3]; batches sharded over the mesh."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+
+    def sample_batch(params, constants, rng, batch_labels):
+        z = task.sample_latents(params, rng, batch_size, labels=batch_labels, sampler=sampler,
+                                guidance_scale=guidance_scale)
+        z = jax.lax.with_sharding_constraint(z, batch_sharding)
+        return task.decode(constants, z)
+
+    fn = jax.jit(sample_batch, out_shardings=batch_sharding)
+    params = jax.device_put(params, replicated)
+    constants = jax.device_put(constants, replicated)
+    out = []
+    for i in range(-(-num // batch_size)):
+        batch_labels = None
+        if labels is not None:
+            chunk = np.resize(labels[i * batch_size:(i + 1) * batch_size], batch_size)
+            batch_labels = jax.device_put(jnp.asarray(chunk, jnp.int32), batch_sharding)
+        images = fn(params, constants, jax.random.fold_in(jax.random.key(seed), i), batch_labels)
+        out.append(logging_utils.to_uint8(np.asarray(jax.device_get(images))))
+    return np.concatenate(out)[:num]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ldm_jax.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="stage-2 run directory")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--sampler", default="ddim", choices=sorted(samplers.SAMPLERS))
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (ddim/plms)")
+    parser.add_argument("--eta", type=float, default=None)
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the run's config)")
+    parser.add_argument("--labels", default="", help="class ids, comma separated (cycled)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=0, help="0: num rounded to devices")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    parser.add_argument("--no_ema", action="store_true", help="use the raw (non-EMA) weights")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    config, task = load_run(args.workdir)
+    state, step = checkpointing.restore_raw_state(args.workdir, args.step)
+    params = state["params"]["model"] if args.no_ema else state["ema_params"]
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+    n_dev = mesh.devices.size
+    batch_size = args.batch_size or min(-(-args.num // n_dev) * n_dev, max(n_dev, 64 // n_dev * n_dev))
+    sharding.check_batch_divides(batch_size, mesh, field="batch_size (--batch_size)")
+    labels = None
+    if task.class_conditional:
+        labels = (np.array([int(v) for v in args.labels.split(",")], np.int32) if args.labels
+                  else np.arange(args.num, dtype=np.int32) % task.null_label)
+        labels = np.resize(labels, args.num)
+        if labels.min() < 0 or labels.max() > task.null_label:
+            raise ValueError(f"--labels must lie in [0, {task.null_label}] ({task.null_label} = null).")
+    from ldm_jax.tasks.diffusion import make_sampler
+    sampler = make_sampler(config, task.schedule, name=args.sampler, num_steps=args.steps, eta=args.eta)
+    images = generate(task, params, task.constants(), num=args.num, batch_size=batch_size,
+                      seed=args.seed, sampler=sampler, guidance_scale=args.guidance_scale,
+                      labels=labels, mesh=mesh)
+    if jax.process_index() == 0:
+        os.makedirs(args.out, exist_ok=True)
+        for i, image in enumerate(images):
+            logging_utils.save_png(image, os.path.join(args.out, f"{i:06d}.png"))
+        ncols = int(np.ceil(np.sqrt(len(images)))) if labels is None else min(len(images), task.null_label)
+        logging_utils.save_png(logging_utils.make_grid(images, ncols=ncols),
+                               os.path.join(args.out, "grid.png"), upscale=max(1, 64 // images.shape[1]))
+        arrays = {"images": images}
+        if labels is not None:
+            arrays["labels"] = labels
+        np.savez(os.path.join(args.out, "samples.npz"), **arrays)
+        print(f"Wrote {len(images)} samples ({args.sampler}, step {step}, "
+              f"{'raw' if args.no_ema else 'EMA'} weights) to {args.out}/ (grid.png, samples.npz).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
