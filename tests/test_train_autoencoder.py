@@ -128,3 +128,58 @@ def test_training_with_lpips_weights_the_test_makes(tmp_path):
                                             **{"loss.perceptual_weight": 1.0, "loss.lpips_weights": weights,
                                                "loss.disc_start": 2}), workdir)
     assert np.isfinite(result["loss"]) and result["eval_lpips"] > 0.0
+
+
+def test_nan_stops_with_a_clear_error_naming_the_last_good_checkpoint(tmp_path):
+    from ldm_jax.trainer import NonFiniteError
+    workdir = str(tmp_path / "w")
+    train_and_evaluate(tiny_config(total_steps=2, checkpoint_every_steps=2), workdir)
+    # An absurd learning rate from step 2 on blows the parameters up to Inf/NaN.
+    with pytest.raises(NonFiniteError, match=r"NaN/Inf by step \d+.*last good checkpoint is .*checkpoints/2"):
+        train_and_evaluate(tiny_config(total_steps=12, **{"optimizer.base_learning_rate": 1e30}), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+TINY_ARGS = ["--config.model.ch_mult=1,2", "--config.model.resolution=16", "--config.data.image_size=16",
+             "--config.batch_size=8", "--config.log_every_steps=1", "--config.eval_every_steps=0",
+             "--config.image_every_steps=0", "--config.async_checkpointing=false",
+             "--config.loss.disc_start=1000", "--config.loss.disc_ndf=8", "--config.loss.disc_num_layers=2",
+             "--config.optimizer.base_learning_rate=0.0002"]
+
+
+def _run_cli(workdir, devices, extra, **popen):
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "ldm_jax.train",
+           f"--config={os.path.join(ROOT, 'configs', 'autoencoder_kl_f4.py')}:smoke",
+           f"--workdir={workdir}"] + TINY_ARGS + extra
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_a_run_resumes_on_a_different_device_count(tmp_path):
+    """Train on 4 devices, SIGTERM mid-run (a checkpoint at the current step), resume on 8."""
+    import signal
+    import time
+    workdir = str(tmp_path / "w")
+    proc = _run_cli(workdir, 4, ["--config.total_steps=400", "--config.checkpoint_every_steps=1000"])
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and len(read_metrics(workdir)) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved checkpoint at step" in out
+    saved = int(os.listdir(os.path.join(workdir, "checkpoints"))[0])
+    assert 3 <= saved < 400
+    # Resume in this process (8 devices) and go on to a few more steps.
+    result = train_and_evaluate(tiny_config(total_steps=saved + 2, checkpoint_every_steps=1000,
+                                            eval_every_steps=0, image_every_steps=0,
+                                            **{"loss.disc_start": 1000, "log_every_steps": 1}), workdir)
+    assert result["step"] == saved + 2
+    steps = [r["step"] for r in read_metrics(workdir)]
+    assert steps == sorted(steps) and steps[-1] == saved + 2
