@@ -51,7 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--peak_gflops", type=float, default=68.0, help="machine peak for MFU")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="ldm_jax compute dtype (params stay float32); torch always float32")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--torch_threads", type=str, default=str(os.cpu_count()),
+                   help="comma list of torch intra-op thread counts, one row each")
+    p.add_argument("--torch_ftz", choices=("on", "off"), default="on",
+                   help="torch.set_flush_denormal; XLA:CPU flushes denormals, torch does not")
     p.add_argument("--skip_task", action="store_true", help="skip the AutoencoderTask row")
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--channels_last", choices=("both", "on", "off"), default="both")
@@ -167,11 +170,12 @@ def bench_jax_task(a, x_nhwc):
 
 
 # ------------------------------------------------------------------------------------- torch
-def bench_torch(a, x_nhwc, channels_last):
+def bench_torch(a, x_nhwc, channels_last, threads):
     import torch
     from diffusers import AutoencoderKL
 
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(a.torch_ftz == "on")
     torch.manual_seed(0)
     n = len(a.ch_mult)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
@@ -208,7 +212,8 @@ def bench_torch(a, x_nhwc, channels_last):
         counted = float(fc.get_total_flops())
     except Exception:  # pragma: no cover - cross-check only
         loss = run()
-    return dict(name="torch " + ("channels_last" if channels_last else "NCHW"), params=n_params,
+    name = f"torch {'channels_last' if channels_last else 'NCHW'} {threads}T"
+    return dict(name=name + (" noFTZ" if a.torch_ftz == "off" else ""), params=n_params,
                 compile=first + warm, warm=0.0, times=times, flops=float("nan"),
                 torch_flops=counted, loss=float(loss.detach()))
 
@@ -226,7 +231,7 @@ def main(argv=None):
     if not a.skip_torch:
         import torch
         modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.channels_last]
-        rows += [bench_torch(a, x, cl) for cl in modes]
+        rows += [bench_torch(a, x, cl, int(t)) for t in a.torch_threads.split(",") for cl in modes]
     flops = rows[0]["flops"]
     torch_rows = [r for r in rows if r["name"].startswith("torch")]
     best_torch = max((a.batch / statistics.median(r["times"]) for r in torch_rows), default=None)
@@ -241,7 +246,7 @@ def main(argv=None):
     if torch_rows:
         import diffusers
         import torch
-        vers += (f", torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        vers += (f", torch {torch.__version__} (FTZ {a.torch_ftz}), "
                  f"diffusers {diffusers.__version__}")
     print(f"versions: {vers}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"FLOPs/step (XLA cost_analysis of the ldm_jax model step, used for every row): "
@@ -249,7 +254,7 @@ def main(argv=None):
           + "".join(f"; task step {r['flops'] / 1e9:.3f}" for r in rows if "task" in r["name"])
           + "".join(f"; torch FlopCounterMode {r['torch_flops'] / 1e9:.3f}"
                     for r in torch_rows[:1]))
-    hdr = (f"| {'framework':<28} | {'params':>9} | {'compile/warm-up s':>17} | {'step ms':>8} | "
+    hdr = (f"| {'framework':<28} | {'params':>9} | {'compile/warm-up s':>17} | {'step ms':>8} | {'min ms':>7} | "
            f"{'images/s':>8} | {'GFLOP/s':>7} | {'MFU':>6} | {'jax/torch':>9} |")
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
@@ -259,10 +264,10 @@ def main(argv=None):
         gfs = flops / (ms / 1e3) / 1e9
         ratio = f"{ips / best_torch:.2f}" if best_torch and "ldm_jax" in r["name"] else ""
         cw = f"{r['compile']:.1f}" + (f" / {r['warm']:.1f}" if r["warm"] else "")
-        print(f"| {r['name']:<28} | {r['params']:>9,} | {cw:>17} | {ms:>8.1f} | {ips:>8.1f} | "
+        print(f"| {r['name']:<28} | {r['params']:>9,} | {cw:>17} | {ms:>8.1f} | {min(r['times']) * 1e3:>7.1f} | {ips:>8.1f} | "
               f"{gfs:>7.1f} | {100 * gfs / a.peak_gflops:>5.1f}% | {ratio:>9} |")
-    print("step ms: median of", a.steps, "steps; spread (min-max ms): " + ", ".join(
-        f"{r['name']} {min(r['times']) * 1e3:.0f}-{max(r['times']) * 1e3:.0f}" for r in rows))
+    print("step ms: median of", a.steps, "steps (min ms: fastest); max ms: " + ", ".join(
+        f"{r['name']} {max(r['times']) * 1e3:.0f}" for r in rows))
     print("final losses: " + ", ".join(f"{r['name']} {r['loss']:.4g}" for r in rows))
     print(f"jax/torch = ldm_jax images/s over the best torch row; MFU vs --peak_gflops "
           f"{a.peak_gflops:g}; compile/warm-up = jax: AOT compile s / warm-up s of {a.warmup} "

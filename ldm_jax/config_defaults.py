@@ -132,7 +132,7 @@ def smoke_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     batch and steps; starts the discriminator early so both loss phases run.
     """
     f = 2 ** (len(c.model.ch_mult) - 1)
-    size = max(32, 4 * f)
+    size = max(32, 2 * f)  # at least a 2x2 latent
     c.data = data_config(source="digits", image_size=size)
     c.model.ch = 32
     c.model.num_res_blocks = 1

@@ -78,3 +78,19 @@ def test_missing_config_file_and_unknown_variant():
         config_lib.load_config("configs/nope.py")
     with pytest.raises(ValueError, match="unknown variant"):
         config_lib.load_config(os.path.join(ROOT, "configs", "autoencoder_kl_f4.py:big"))
+
+
+def test_design_numbers_in_stage2_configs():
+    c = config_lib.load_config(os.path.join(ROOT, "configs", "f4_celebahq.py"))
+    m = c.model
+    assert (m.model_channels, m.channel_mult, m.attention_resolutions, m.num_head_channels,
+            m.num_res_blocks) == (224, (1, 2, 3, 4), (8, 4, 2), 32, 2)
+    assert c.data.latent_shape == (64, 64, 3) and c.latents.scale_factor == 1.0
+    d = c.diffusion
+    assert (d.timesteps, d.beta_schedule, d.linear_start, d.linear_end) == (1000, "linear", 0.0015, 0.0195)
+    assert c.batch_size == 48 and abs(c.optimizer.base_learning_rate * c.batch_size - 9.6e-5) < 1e-12
+    assert c.optimizer.name == "adamw" and c.ema.decay == 0.9999
+    c = config_lib.load_config(os.path.join(ROOT, "configs", "f8_lsun_churches.py"))
+    assert (c.model.model_channels, c.model.channel_mult, c.model.attention_resolutions,
+            c.model.num_heads) == (192, (1, 2, 2, 4, 4), (1, 2, 4, 8), 8)
+    assert c.data.latent_shape == (32, 32, 4) and c.latents.scale_factor <= 0  # scale_by_std

@@ -139,6 +139,8 @@ def ensure_digits_prepared(data_dir: str | os.PathLike | None = None) -> str:
         with _file_lock(os.path.join(data_dir, f".{NAME}.lock")):
             builder = LdmDigits(data_dir=data_dir, file_format="array_record")
             if not builder.is_prepared():
+                print(f"Building the embedded digits data set in {data_dir} (once).", flush=True)
+                tfds.disable_progress_bar()  # per-record bars drown the training log.
                 builder.download_and_prepare(
                     download_config=tfds.download.DownloadConfig(try_download_gcs=False)
                 )
