@@ -19,6 +19,8 @@ directly; torch's own FlopCounterMode count (conv/matmul only) is printed as a c
 
 Usage: python bench/bench_first_stage.py [--batch 16] [--size 32] [--ch 32] [--ch_mult 1,2,4]
        [--num_res_blocks 2] [--norm_groups 32] [--steps 10] [--peak_gflops 68] [--dtype float32]
+       [--torch_threads 1,2] [--channels_last both|on|off] [--omp_wait_policy default|passive]
+       [--torch_ftz on|off] [--skip_task] [--skip_torch]; XLA_FLAGS pass through to XLA.
 Not a test (lives in bench/, pytest only collects tests/).
 """
 
@@ -51,8 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--peak_gflops", type=float, default=68.0, help="machine peak for MFU")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="ldm_jax compute dtype (params stay float32); torch always float32")
-    p.add_argument("--torch_threads", type=str, default=str(os.cpu_count()),
+    p.add_argument("--torch_threads", type=str,
+                   default=",".join(sorted({"1", str(os.cpu_count())}, key=int)),
                    help="comma list of torch intra-op thread counts, one row each")
+    p.add_argument("--omp_wait_policy", choices=("default", "passive", "active"),
+                   default="default", help="OMP_WAIT_POLICY for torch's OpenMP pool (set before "
+                   "torch is imported); 'passive' avoids spin-wait stalls on a loaded machine")
     p.add_argument("--torch_ftz", choices=("on", "off"), default="on",
                    help="torch.set_flush_denormal; XLA:CPU flushes denormals, torch does not")
     p.add_argument("--skip_task", action="store_true", help="skip the AutoencoderTask row")
@@ -213,7 +219,9 @@ def bench_torch(a, x_nhwc, channels_last, threads):
     except Exception:  # pragma: no cover - cross-check only
         loss = run()
     name = f"torch {'channels_last' if channels_last else 'NCHW'} {threads}T"
-    return dict(name=name + (" noFTZ" if a.torch_ftz == "off" else ""), params=n_params,
+    name += " noFTZ" if a.torch_ftz == "off" else ""
+    name += f" {a.omp_wait_policy}" if a.omp_wait_policy != "default" else ""
+    return dict(name=name, params=n_params,
                 compile=first + warm, warm=0.0, times=times, flops=float("nan"),
                 torch_flops=counted, loss=float(loss.detach()))
 
@@ -229,6 +237,8 @@ def main(argv=None):
     if not a.skip_task:
         rows.append(bench_jax_task(a, x))
     if not a.skip_torch:
+        if a.omp_wait_policy != "default":
+            os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy.upper()
         import torch
         modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.channels_last]
         rows += [bench_torch(a, x, cl, int(t)) for t in a.torch_threads.split(",") for cl in modes]
@@ -246,7 +256,8 @@ def main(argv=None):
     if torch_rows:
         import diffusers
         import torch
-        vers += (f", torch {torch.__version__} (FTZ {a.torch_ftz}), "
+        vers += (f", torch {torch.__version__} (FTZ {a.torch_ftz}, OMP_WAIT_POLICY="
+                 f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
                  f"diffusers {diffusers.__version__}")
     print(f"versions: {vers}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"FLOPs/step (XLA cost_analysis of the ldm_jax model step, used for every row): "
@@ -254,7 +265,7 @@ def main(argv=None):
           + "".join(f"; task step {r['flops'] / 1e9:.3f}" for r in rows if "task" in r["name"])
           + "".join(f"; torch FlopCounterMode {r['torch_flops'] / 1e9:.3f}"
                     for r in torch_rows[:1]))
-    hdr = (f"| {'framework':<28} | {'params':>9} | {'compile/warm-up s':>17} | {'step ms':>8} | {'min ms':>7} | "
+    hdr = (f"| {'framework':<32} | {'params':>10} | {'compile/warm-up s':>17} | {'step ms':>8} | {'min ms':>7} | "
            f"{'images/s':>8} | {'GFLOP/s':>7} | {'MFU':>6} | {'jax/torch':>9} |")
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
@@ -264,7 +275,7 @@ def main(argv=None):
         gfs = flops / (ms / 1e3) / 1e9
         ratio = f"{ips / best_torch:.2f}" if best_torch and "ldm_jax" in r["name"] else ""
         cw = f"{r['compile']:.1f}" + (f" / {r['warm']:.1f}" if r["warm"] else "")
-        print(f"| {r['name']:<28} | {r['params']:>9,} | {cw:>17} | {ms:>8.1f} | {min(r['times']) * 1e3:>7.1f} | {ips:>8.1f} | "
+        print(f"| {r['name']:<32} | {r['params']:>10,} | {cw:>17} | {ms:>8.1f} | {min(r['times']) * 1e3:>7.1f} | {ips:>8.1f} | "
               f"{gfs:>7.1f} | {100 * gfs / a.peak_gflops:>5.1f}% | {ratio:>9} |")
     print("step ms: median of", a.steps, "steps (min ms: fastest); max ms: " + ", ".join(
         f"{r['name']} {max(r['times']) * 1e3:.0f}" for r in rows))

@@ -134,7 +134,8 @@ def smoke_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     f = 2 ** (len(c.model.ch_mult) - 1)
     size = max(32, 2 * f)  # at least a 2x2 latent
     c.data = data_config(source="digits", image_size=size)
-    c.model.ch = 32
+    c.model.ch = 16
+    c.model.norm_groups = 8
     c.model.num_res_blocks = 1
     c.model.resolution = size
     # Keep attention where the architecture has it, at the resolutions this small size reaches.

@@ -174,7 +174,9 @@ def test_sigterm_saves_and_a_run_resumes_on_a_different_device_count(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "SIGTERM: saved checkpoint at step" in out
-    saved = int(os.listdir(os.path.join(workdir, "checkpoints"))[0])
+    saved_steps = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert len(saved_steps) == 1, (saved_steps, out)
+    saved = int(saved_steps[0])
     assert 3 <= saved < 400
     # Resume in this process (8 devices) and go on to a few more steps.
     result = train_and_evaluate(tiny_config(total_steps=saved + 2, checkpoint_every_steps=1000,
