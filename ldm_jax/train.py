@@ -36,8 +36,18 @@ def main(argv=None) -> int:
     import jax
     if args.jax_distributed:
         jax.distributed.initialize()
-    from ldm_jax.trainer import train_and_evaluate
-    train_and_evaluate(config, args.workdir)
+    from ldm_jax import checkpointing, first_stage, sharding, trainer
+    from ldm_jax.data import latents, sources
+    # Errors about the user's input (config, mesh, data, checkpoints, NaN) print their message
+    # alone; anything else is a bug and keeps its traceback.
+    user_errors = (config_lib.ConfigError, sharding.MeshError, checkpointing.CheckpointError,
+                   sources.DataConfigError, first_stage.FirstStageError,
+                   latents.FirstStageMismatchError, trainer.NonFiniteError)
+    try:
+        trainer.train_and_evaluate(config, args.workdir)
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
