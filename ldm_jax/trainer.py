@@ -197,7 +197,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             pending.append(step_metrics)
             step_num = step + 1
             is_last = step_num == config.total_steps
-            want_save = step_num % config.checkpoint_every_steps == 0 or is_last or terminate.requested
+            # Read the flag once: SIGTERM may land between here and the save below, and the
+            # run must never report a save it did not make.
+            stopping = terminate.requested
+            want_save = step_num % config.checkpoint_every_steps == 0 or is_last or stopping
             if step_num % config.log_every_steps == 0 or want_save:
                 logged = _mean_metrics(pending)
                 pending = []
@@ -216,7 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       flush=True)
             if want_save:
                 save(step_num)
-            if terminate.requested:
+            if stopping:
                 print(f"SIGTERM: saved checkpoint at step {step_num}; rerun the same command to "
                       f"resume.", flush=True)
                 break
