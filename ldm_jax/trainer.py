@@ -99,13 +99,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     task = make_task(config)
     config_json = config_lib.to_json_dict(config)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2, sort_keys=True)
 
     # --- state: abstract -> shardings -> restore or init -----------------------------------
-    example = next(iter(pipeline.make_eval_iterator(
-        config.data, global_batch_size=config.batch_size, num_examples=config.batch_size)))
+    example_iter = pipeline.make_eval_iterator(
+        config.data, global_batch_size=config.batch_size, num_examples=config.batch_size)
+    example = next(iter(example_iter))
+    example_iter.close()
     example.pop("mask", None)
     abstract_batch = sharding.abstract_batch(example, mesh)
     rng = jax.random.key(config.seed)
@@ -128,6 +127,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
             state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
         start_step = data_step = 0
     last_good = latest
+    # Written only once the checkpoint (if any) is known to match: tools that read the run
+    # (sample, load_first_stage) must never see a config the parameters do not follow.
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2, sort_keys=True)
 
     train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
                                               seed=config.seed, start_step=data_step)

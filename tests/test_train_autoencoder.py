@@ -86,6 +86,8 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
     train_and_evaluate(tiny_config(total_steps=2, checkpoint_every_steps=2), workdir)
     with pytest.raises(CheckpointError, match=r"different config.model"):
         train_and_evaluate(tiny_config(total_steps=4, **{"model.ch": 64}), workdir)
+    with open(os.path.join(workdir, "config.json")) as f:  # the run's config is left intact
+        assert json.load(f)["model"]["ch"] == tiny_config().model.ch
 
 
 def test_corrupt_checkpoint_is_a_clear_error_not_a_fresh_start(tmp_path):
