@@ -45,7 +45,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from ldm_jax import config_lib, sharding
+from ldm_jax import cli, config_lib, sharding
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data import pipeline, sources
 
@@ -592,22 +592,15 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    from ldm_jax.first_stage import FirstStageError
-    try:
-        config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.jax_distributed:
-        jax.distributed.initialize()
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    try:
+
+    def command():
+        config = cli.load_config(args.config, overrides)
+        cli.maybe_initialize_distributed(args.jax_distributed)
+        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         precompute(config, args.first_stage, args.output, splits=splits or None,
                    batch_size=args.batch_size or None, examples_per_shard=args.examples_per_shard)
-    except (PrecomputeError, FirstStageError, sources.DataConfigError, sharding.MeshError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run_reporting_user_errors(command)
 
 
 if __name__ == "__main__":

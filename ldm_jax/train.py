@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldm_jax import config_lib
+from ldm_jax import cli, config_lib
 
 
 def parse_args(argv):
@@ -28,27 +28,14 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import jax
-    if args.jax_distributed:
-        jax.distributed.initialize()
-    from ldm_jax import checkpointing, first_stage, sharding, trainer
-    from ldm_jax.data import latents, sources
-    # Errors about the user's input (config, mesh, data, checkpoints, NaN) print their message
-    # alone; anything else is a bug and keeps its traceback.
-    user_errors = (config_lib.ConfigError, sharding.MeshError, checkpointing.CheckpointError,
-                   sources.DataConfigError, first_stage.FirstStageError,
-                   latents.FirstStageMismatchError, trainer.NonFiniteError)
-    try:
-        trainer.train_and_evaluate(config, args.workdir)
-    except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    def command():
+        config = cli.load_config(args.config, overrides)
+        cli.maybe_initialize_distributed(args.jax_distributed)
+        from ldm_jax.trainer import train_and_evaluate
+        train_and_evaluate(config, args.workdir)
+
+    return cli.run_reporting_user_errors(command)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,13 @@ def test_design_numbers_in_stage2_configs():
     assert (c.model.model_channels, c.model.channel_mult, c.model.attention_resolutions,
             c.model.num_heads) == (192, (1, 2, 2, 4, 4), (1, 2, 4, 8), 8)
     assert c.data.latent_shape == (32, 32, 4) and c.latents.scale_factor <= 0  # scale_by_std
+
+
+def test_train_cli_reports_input_errors_in_one_line(tmp_path, capsys):
+    from ldm_jax import train
+    config = os.path.join(ROOT, "configs", "autoencoder_kl_f4.py") + ":smoke"
+    assert train.main([f"--config={config}", f"--workdir={tmp_path}", "--config.totl_steps=3"]) == 2
+    assert "unknown config key 'totl_steps'" in capsys.readouterr().err
+    assert train.main([f"--config={config}", f"--workdir={tmp_path}", "--config.data.source=folder",
+                       f"--config.data.folder={tmp_path / 'missing'}"]) == 2
+    assert "data.folder" in capsys.readouterr().err
