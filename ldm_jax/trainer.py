@@ -119,7 +119,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       async_save=config.async_checkpointing)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_state, config_json)
+        try:
+            state, meta = ckpt.restore(latest, abstract_state, config_json)
+        except checkpointing.CheckpointError:
+            ckpt.close()  # release orbax's background threads before reporting
+            raise
         start_step, data_step = int(jax.device_get(state.step)), int(meta["data_step"])
         print(f"Resuming from {ckpt.directory}/{latest} (step {start_step}).", flush=True)
     else:
