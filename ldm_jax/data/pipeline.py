@@ -281,6 +281,21 @@ def _validate_first(source, fn, what: str) -> None:
     fn((0, source[0]), np.random.default_rng(0))
 
 
+def _open(data_cfg, *, train: bool, global_batch_size: int, process_index, process_count, source):
+    """Shared set-up of both iterators: host slice size, source of the split, example fn
+    (checked on record 0). Returns (process_index, process_count, local_batch, source, fn)."""
+    process_index, process_count = _resolve_processes(process_index, process_count)
+    local_batch = _local_batch_size(global_batch_size, process_count)
+    _check_image_size(data_cfg)
+    split = (_get(data_cfg, "train_split", "train") if train
+             else _get(data_cfg, "eval_split", "test"))
+    if source is None:
+        source = sources_lib.make_source(data_cfg, split)
+    fn = _make_example_fn(data_cfg, train=train)
+    _validate_first(source, fn, "train" if train else "eval")
+    return process_index, process_count, local_batch, source, fn
+
+
 # ------------------------------------------------------------------------------- public API
 
 
@@ -320,13 +335,9 @@ def make_train_iterator(
     """
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
-    process_index, process_count = _resolve_processes(process_index, process_count)
-    local_batch = _local_batch_size(global_batch_size, process_count)
-    _check_image_size(data_cfg)
-    if source is None:
-        source = sources_lib.make_source(data_cfg, _get(data_cfg, "train_split", "train"))
-    fn = _make_example_fn(data_cfg, train=True)
-    _validate_first(source, fn, "train")
+    process_index, process_count, local_batch, source, fn = _open(
+        data_cfg, train=True, global_batch_size=global_batch_size, process_index=process_index,
+        process_count=process_count, source=source)
 
     shuffle_seed, aug_seed = _derive_seeds(seed)
     ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(len(source)))
@@ -375,13 +386,9 @@ def make_eval_iterator(
     Returns:
       BatchIterator (len() = number of batches) yielding {'image', 'label'?, 'index', 'mask'}.
     """
-    process_index, process_count = _resolve_processes(process_index, process_count)
-    local_batch = _local_batch_size(global_batch_size, process_count)
-    _check_image_size(data_cfg)
-    if source is None:
-        source = sources_lib.make_source(data_cfg, _get(data_cfg, "eval_split", "test"))
-    fn = _make_example_fn(data_cfg, train=False)
-    _validate_first(source, fn, "eval")
+    process_index, process_count, local_batch, source, fn = _open(
+        data_cfg, train=False, global_batch_size=global_batch_size, process_index=process_index,
+        process_count=process_count, source=source)
     n = len(source) if num_examples is None else min(int(num_examples), len(source))
     if n < 1:
         raise ValueError(f"num_examples={num_examples} leaves nothing to evaluate.")
