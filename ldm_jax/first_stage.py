@@ -60,7 +60,8 @@ class FirstStage:
         return jnp.clip(images, -1.0, 1.0)
 
 
-def _params_hash(params) -> str:
+def params_hash(params) -> str:
+    """Short sha256 of a parameter tree (paths and bytes), the identity of a set of weights."""
     digest = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda x: str(x[0])):
         digest.update(str(path).encode())
@@ -96,6 +97,37 @@ def load_first_stage(workdir: str, step: int | None = None, dtype=jnp.float32) -
         model_cfg[key] = tuple(model_cfg[key])
     model = ae_models.make_first_stage(model_cfg, dtype)
     identity = {"workdir": os.path.abspath(workdir), "step": int(step),
-                "model_config_hash": model_config_hash(model_cfg), "params_hash": _params_hash(params),
+                "model_config_hash": model_config_hash(model_cfg), "params_hash": params_hash(params),
                 "kind": model_cfg.kind}
     return FirstStage(model=model, params=params, config=config, identity=identity)
+
+
+def save_first_stage_run(workdir: str, config, params) -> None:
+    """Writes an autoencoder 'run' (config.json + checkpoint) holding only generator weights.
+
+    For autoencoders that were not trained here (converted CompVis or diffusers weights): the
+    folder can then serve as `--first_stage` for precompute_latents and stage-2 training, and
+    `load_first_stage(workdir)` reads it like any trained run. It is not resumable as training
+    (there is no optimiser state or discriminator).
+    """
+    if config.get("stage") != "autoencoder":
+        raise FirstStageError(f"save_first_stage_run: config.stage must be 'autoencoder', got "
+                              f"{config.get('stage')!r}.")
+    if os.path.exists(os.path.join(workdir, "checkpoints")):
+        raise FirstStageError(f"{workdir} already holds checkpoints; choose a new folder.")
+    from ldm_jax import config_lib
+    os.makedirs(workdir, exist_ok=True)
+    config_json = config_lib.to_json_dict(config)
+    state = {"step": np.asarray(0, np.int32), "params": {"generator": {"model": params}}}
+    checkpointer = checkpointing.Checkpointer(workdir, keep=1, async_save=False)
+    try:
+        checkpointer.save(0, state, checkpointing.make_meta(
+            data_step=0, config_json=config_json, extra={"imported": True}))
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config_json, f, indent=2)
+        os.replace(tmp, os.path.join(workdir, "config.json"))

@@ -1,11 +1,12 @@
-"""Command line: sample a trained latent diffusion run and decode through its first stage.
+"""Command line: sample a trained latent diffusion run (or a bundle) through its first stage.
 
   python -m ldm_jax.sample --workdir=runs/ldm_digits --num=64 --sampler=ddim --steps=50 \
       --out=samples/ [--eta=0] [--guidance_scale=2] [--labels=0,1,2] [--seed=0] [--no_ema]
 
 Writes `<out>/000000.png ...` (one PNG per sample), `<out>/grid.png` and `<out>/samples.npz`
 (`images` uint8 [N, H, W, 3], plus `labels` int32 [N] for class-conditional runs). Samples come
-from the EMA weights unless --no_ema. Batches are sharded over all devices; the noise of batch
+from the EMA weights unless --no_ema. `--workdir` may also be an inference bundle written by
+`python -m ldm_jax.export` or `python -m ldm_jax.convert` (see ldm_jax/bundle.py). Batches are sharded over all devices; the noise of batch
 i is a function of (seed, i) only, so the same seed gives the same samples on any device count.
 """
 
@@ -26,10 +27,15 @@ from ldm_jax.diffusion import samplers
 
 
 def load_run(workdir: str):
-    """(config, task) of a stage-2 run directory."""
+    """(config, task) of a stage-2 run directory or an inference bundle."""
+    from ldm_jax import bundle as bundle_lib
+    if bundle_lib.is_bundle(workdir):
+        config, task, _ = load_bundle_task(workdir)
+        return config, task
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--workdir={workdir}: no config.json there; is it a training run?")
+        raise FileNotFoundError(f"--workdir={workdir}: no config.json there; is it a training run "
+                                f"(or a bundle from python -m ldm_jax.export)?")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     if config.stage != "diffusion":
@@ -37,6 +43,28 @@ def load_run(workdir: str):
                          f"diffusion (stage 2) run.")
     from ldm_jax.tasks.diffusion import DiffusionTask
     return config, DiffusionTask(config)
+
+
+def load_bundle_task(directory: str):
+    """(config, task, bundle) of an inference bundle (see ldm_jax.bundle)."""
+    from ldm_jax import bundle as bundle_lib
+    from ldm_jax.tasks.diffusion import DiffusionTask, LatentContext
+    bundle = bundle_lib.load_bundle(directory)
+    return bundle.config, DiffusionTask(bundle.config, LatentContext.from_bundle(bundle)), bundle
+
+
+def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
+    """(config, task, params, step) to sample with, from a run (EMA or raw weights) or a bundle."""
+    from ldm_jax import bundle as bundle_lib
+    if bundle_lib.is_bundle(workdir):
+        if not use_ema or step is not None:
+            raise ValueError(f"--workdir={workdir} is a bundle: it holds one set of weights, so "
+                             f"--no_ema and --step do not apply (export the run again instead).")
+        config, task, bundle = load_bundle_task(workdir)
+        return config, task, bundle.unet_params, int(bundle.source.get("step", 0))
+    config, task = load_run(workdir)
+    state, step = checkpointing.restore_raw_state(workdir, step)
+    return config, task, (state["ema_params"] if use_ema else state["params"]["model"]), step
 
 
 def generate(task, params, constants, *, num: int, batch_size: int, seed: int, sampler,
@@ -68,7 +96,8 @@ def generate(task, params, constants, *, num: int, batch_size: int, seed: int, s
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldm_jax.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="stage-2 run directory")
+    parser.add_argument("--workdir", required=True,
+                        help="stage-2 run directory, or a bundle (python -m ldm_jax.export / convert)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--sampler", default="ddim", choices=sorted(samplers.SAMPLERS))
@@ -83,9 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no_ema", action="store_true", help="use the raw (non-EMA) weights")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    config, task = load_run(args.workdir)
-    state, step = checkpointing.restore_raw_state(args.workdir, args.step)
-    params = state["params"]["model"] if args.no_ema else state["ema_params"]
+    config, task, params, step = load_params(args.workdir, step=args.step, use_ema=not args.no_ema)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     n_dev = mesh.devices.size
     batch_size = args.batch_size or min(-(-args.num // n_dev) * n_dev, max(n_dev, 64 // n_dev * n_dev))

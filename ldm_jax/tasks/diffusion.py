@@ -58,6 +58,17 @@ def make_sampler(config, schedule, *, name=None, num_steps=None, eta=None):
 class LatentContext:
     """What stage 2 knows about its latents: shape, key, scale factor and the first stage."""
 
+    @classmethod
+    def from_bundle(cls, bundle) -> "LatentContext":
+        """The latent context of an inference bundle (no data set is read)."""
+        self = cls.__new__(cls)
+        self.latent_shape = tuple(bundle.config.data.latent_shape)
+        self.first_stage = bundle.first_stage
+        self.scale_factor = float(bundle.scale_factor)
+        self.kind = "synthetic" if bundle.first_stage is None else bundle.first_stage.kind
+        self.key = "moments" if self.kind == "kl" else "latent"
+        return self
+
     def __init__(self, config):
         data_cfg = config.data
         self.latent_shape = tuple(data_cfg.latent_shape)
@@ -89,10 +100,10 @@ class DiffusionTask:
 
     name = "diffusion"
 
-    def __init__(self, config):
+    def __init__(self, config, latents: LatentContext | None = None):
         self.config = config
         self.dtype = compute_dtype(config.dtype)
-        self.latents = LatentContext(config)
+        self.latents = LatentContext(config) if latents is None else latents
         if config.model.in_channels != self.latents.latent_shape[-1]:
             raise ValueError(f"config.model.in_channels={config.model.in_channels} differs from "
                              f"the latent channels {self.latents.latent_shape[-1]}.")

@@ -1,0 +1,218 @@
+"""Inference bundles: everything needed to sample from a latent diffusion model, in one folder.
+
+A bundle is what `python -m ldm_jax.export` writes from a training run and what
+`python -m ldm_jax.convert` writes from CompVis / diffusers weights; `python -m ldm_jax.sample
+--workdir=BUNDLE` samples from it on any mesh. Layout:
+
+  BUNDLE/bundle.json   format tag and version, the stage-2 config (UNet, diffusion, conditioning,
+                       sampling, latent shape), the first stage's config (or null), the latent
+                       scale factor, and free-form `source` (where the weights came from).
+  BUNDLE/params/       orbax checkpoint of {"unet": ..., "first_stage": ...} (float32 arrays).
+
+The condition encoder: ldm_jax's conditioning today is class labels, embedded inside the UNet
+(`label_emb`), so it travels with the UNet parameters and `config.conditioning`.
+
+Writing is atomic: everything goes to `BUNDLE.partial/` first and is renamed into place only when
+complete, so a crash never leaves a folder that looks like a finished bundle. Every array is
+read back onto one local device, whatever mesh wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ldm_jax import __version__
+
+FORMAT = "ldm_jax.bundle"
+VERSION = 1
+_JSON = "bundle.json"
+_PARAMS = "params"
+
+
+class BundleError(ValueError):
+    """A folder is not a (readable) bundle, or a bundle cannot be written there."""
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A loaded bundle: configs plus host (numpy) parameters."""
+
+    directory: str
+    config: ml_collections.ConfigDict
+    unet_params: Any
+    first_stage: Optional[Any]  # ldm_jax.first_stage.FirstStage, or None (latents shown as images)
+    scale_factor: float
+    source: dict
+
+
+def is_bundle(directory: str) -> bool:
+    """True if `directory` holds a bundle.json of this format."""
+    path = os.path.join(directory, _JSON)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _config_json(config) -> dict:
+    from ldm_jax import config_lib
+    return config_lib.to_json_dict(config)
+
+
+def _check_stage2_config(config) -> None:
+    if config.get("stage") != "diffusion":
+        raise BundleError(f"save_bundle: config.stage must be 'diffusion' (a stage-2 config), "
+                          f"got {config.get('stage')!r}.")
+    for key in ("model", "diffusion", "conditioning", "sampling", "data"):
+        if key not in config:
+            raise BundleError(f"save_bundle: the stage-2 config has no '{key}' group; build it "
+                              f"with ldm_jax.config_defaults.diffusion_config(...).")
+
+
+def save_bundle(directory: str, *, config, unet_params, first_stage_config=None,
+                first_stage_params=None, scale_factor: float = 1.0,
+                source: Optional[dict] = None, overwrite: bool = False) -> None:
+    """Writes an inference bundle to `directory` (atomically; collective on several hosts).
+
+    Args:
+      config: full stage-2 ConfigDict (`config_defaults.diffusion_config(...)` structure).
+      unet_params: the UNet parameters to sample with (EMA weights, normally).
+      first_stage_config: full autoencoder ConfigDict whose `.model` builds the first stage, or
+        None for a model whose latents are shown directly (synthetic-latent runs).
+      first_stage_params: that autoencoder's parameters (None iff first_stage_config is None).
+      scale_factor: the factor latents were multiplied by in training.
+      source: JSON-serialisable provenance (run workdir and step, or converted file).
+      overwrite: replace an existing bundle at `directory` (otherwise that is an error).
+    """
+    _check_stage2_config(config)
+    if (first_stage_config is None) != (first_stage_params is None):
+        raise BundleError("save_bundle: give both first_stage_config and first_stage_params, or "
+                          "neither.")
+    if first_stage_config is not None and first_stage_config.get("stage") != "autoencoder":
+        raise BundleError("save_bundle: first_stage_config must be an autoencoder config "
+                          f"(stage 'autoencoder'), got stage {first_stage_config.get('stage')!r}.")
+    if not np.isfinite(scale_factor) or scale_factor <= 0:
+        raise BundleError(f"save_bundle: scale_factor must be a positive number, got {scale_factor}.")
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise BundleError(f"--output={directory} already exists; choose a new folder or remove it.")
+    partial = directory + ".partial"
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crashed export.
+        os.makedirs(partial)
+    _sync("ldm_jax_bundle_start")
+
+    tree = {"unet": unet_params}
+    if first_stage_params is not None:
+        tree["first_stage"] = first_stage_params
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(partial, _PARAMS), tree)
+        checkpointer.wait_until_finished()
+    if primary:
+        record = {
+            "format": FORMAT, "version": VERSION, "ldm_jax_version": __version__,
+            "config": _config_json(config),
+            "first_stage_config": (None if first_stage_config is None
+                                   else _config_json(first_stage_config)),
+            "scale_factor": float(scale_factor), "source": dict(source or {}),
+        }
+        with open(os.path.join(partial, _JSON), "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+        if os.path.exists(directory):  # overwrite=True: swap, then delete the old bundle.
+            old = directory + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(partial, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, directory)
+    _sync("ldm_jax_bundle_done")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _restore_params(path: str) -> dict:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            metadata = checkpointer.metadata(path).item_metadata
+            target = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                dict(metadata.tree))
+            restored = checkpointer.restore(path, target)
+        except Exception as e:  # orbax raises many types; all mean "unreadable".
+            raise BundleError(f"bundle parameters {path} are unreadable "
+                              f"({type(e).__name__}: {e}).") from e
+    return jax.tree_util.tree_map(np.asarray, restored)
+
+
+def _with_tuples(config_json: dict, model_keys) -> ml_collections.ConfigDict:
+    # JSON turned tuples into lists; the models want tuples (set before the ConfigDict exists:
+    # a ConfigDict keeps a field's first type).
+    config_json = json.loads(json.dumps(config_json))
+    for key in model_keys:
+        if key in config_json.get("model", {}):
+            config_json["model"][key] = tuple(config_json["model"][key])
+    data = config_json.get("data", {})
+    if "latent_shape" in data:
+        data["latent_shape"] = tuple(data["latent_shape"])
+    return ml_collections.ConfigDict(config_json)
+
+
+def load_bundle(directory: str) -> Bundle:
+    """Reads a bundle written by `save_bundle` (parameters as numpy arrays on the host)."""
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, _JSON)
+    if not os.path.isfile(path):
+        hint = (" (an export that did not finish; run it again)"
+                if os.path.isdir(directory + ".partial") else "")
+        raise BundleError(f"{directory} is not an ldm_jax bundle: no {_JSON}{hint}. Make one with "
+                          f"python -m ldm_jax.export --workdir=RUN --output={directory} or "
+                          f"python -m ldm_jax.convert.")
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("format") != FORMAT:
+        raise BundleError(f"{path}: not an ldm_jax bundle (format {record.get('format')!r}).")
+    if record.get("version", 0) > VERSION:
+        raise BundleError(f"{path}: bundle version {record['version']} is newer than this "
+                          f"ldm_jax understands ({VERSION}); upgrade ldm_jax.")
+    params = _restore_params(os.path.join(directory, _PARAMS))
+    config = _with_tuples(record["config"], ("attention_resolutions", "channel_mult"))
+
+    first_stage = None
+    if record.get("first_stage_config") is not None:
+        if "first_stage" not in params:
+            raise BundleError(f"{directory}: bundle.json names a first stage but params/ holds "
+                              f"no 'first_stage' weights; the bundle is damaged, export it again.")
+        first_stage = _first_stage_from(record["first_stage_config"], params["first_stage"],
+                                        directory)
+    return Bundle(directory=directory, config=config, unet_params=params["unet"],
+                  first_stage=first_stage, scale_factor=float(record["scale_factor"]),
+                  source=record.get("source", {}))
+
+
+def _first_stage_from(config_json: dict, params, directory: str):
+    from ldm_jax import first_stage as first_stage_lib
+    from ldm_jax.models import autoencoder as ae_models
+    config = _with_tuples(config_json, ("ch_mult", "attn_resolutions"))
+    identity = {"bundle": directory, "model_config_hash": first_stage_lib.model_config_hash(config.model),
+                "params_hash": first_stage_lib.params_hash(params), "kind": config.model.kind}
+    return first_stage_lib.FirstStage(model=ae_models.make_first_stage(config.model), params=params,
+                                      config=config, identity=identity)
