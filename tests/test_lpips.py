@@ -235,16 +235,19 @@ def test_vgg_file_without_lin_file_is_reported(public_files):
         L.load_lpips_params(public_files[0], public_files[0])
 
 
-def test_real_lpips_package_lin_weights(public_files):
-    """The lpips package ships weights/v0.1/vgg.pth; read it in place if the package is there.
+def test_real_lpips_package_lin_weights(public_files, images):
+    """Parity with the ``lpips`` package: its shipped v0.1 linear heads, the SAME random VGG16.
 
-    (find_spec only locates the package: importing it would need torchvision.)
+    ``lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=True)`` loads the shipped
+    ``weights/v0.1/vgg.pth`` heads over a randomly initialised torchvision VGG16 (no download).
+    We read that same ``vgg.pth`` with our torch-free loader, take the VGG weights from the
+    package model's state dict (``net.slice{s}.N.*`` layout) and compare distances.
     """
     spec = importlib.util.find_spec("lpips")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("lpips package not installed")
     path = os.path.join(spec.submodule_search_locations[0], "weights", "v0.1", "vgg.pth")
-    lin = W.load_weights(path)
+    lin = W.load_weights(path)  # restricted unpickler, no torch
     assert sorted(lin) == [f"lin{k}.model.1.weight" for k in range(5)]
     for k, c in enumerate(L.LPIPS_CHANNELS):
         assert lin[f"lin{k}.model.1.weight"].shape == (1, c, 1, 1)
@@ -252,6 +255,36 @@ def test_real_lpips_package_lin_weights(public_files):
     params = L.load_lpips_params(public_files[0], path)
     np.testing.assert_array_equal(params["lin2"]["kernel"][:, 0],
                                   lin["lin2.model.1.weight"].reshape(-1))
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    import lpips
+
+    with torch.random.fork_rng():  # torchvision's VGG init draws from the global torch RNG
+        torch.manual_seed(0)
+        ref = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+        with torch.no_grad():  # torchvision zero-inits conv biases; make them non-trivial
+            for m in ref.net.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.bias.normal_(0.0, 0.1)
+    sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+    for k in range(5):  # the package model really carries the shipped heads
+        np.testing.assert_array_equal(sd[f"lin{k}.model.1.weight"], lin[f"lin{k}.model.1.weight"])
+    # 'lins.{k}' are aliases of 'lin{k}' in the module's state dict; the heads come from the file.
+    vgg = {k: v for k, v in sd.items() if k.startswith(("net.", "scaling_layer."))}
+    params = L.lpips_params_from_state_dict({**vgg, **lin}, source="lpips package model")
+
+    x, y = images
+    ours = np.asarray(jax.jit(lambda fn, a, b: fn(a, b))(L.make_lpips_fn(params), x, y))
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float64)).permute(0, 3, 1, 2)  # noqa: E731
+    with torch.no_grad():
+        want = ref.double()(t(x), t(y)).reshape(-1).numpy()  # float64 reference
+        want32 = ref.float()(t(x).float(), t(y).float()).reshape(-1).numpy()
+    rel = np.max(np.abs(ours - want) / np.abs(want))
+    rel_t = np.max(np.abs(want32 - want) / np.abs(want))
+    print(f"lpips package parity: jax f32 {ours} vs lpips f64 {want}, max rel err {rel:.2e} "
+          f"(lpips f32 vs f64 {rel_t:.2e})")
+    assert np.all(want > 0) and rel <= 1e-5
 
 
 def test_require_lpips_weights(tmp_path):
