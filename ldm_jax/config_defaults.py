@@ -204,6 +204,7 @@ def diffusion_config(*, first_stage_kind: str, latent_shape, model_channels: int
     m.resblock_updown = False
     m.use_spatial_transformer = False
     m.transformer_depth = 1
+    m.use_linear_in_transformer = False  # SpatialTransformer proj_in/out as Linear (SD 2.x).
     m.context_dim = 0  # 0 = no context.
     m.num_classes = 0  # 0 = no class embedding.
     m.attention_impl = ml_collections.config_dict.placeholder(str)  # None | 'xla' | 'cudnn'.

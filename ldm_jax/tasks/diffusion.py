@@ -35,6 +35,7 @@ def make_unet(model_cfg, dtype=jnp.float32) -> UNetModel:
         use_scale_shift_norm=model_cfg.use_scale_shift_norm, resblock_updown=model_cfg.resblock_updown,
         use_spatial_transformer=model_cfg.use_spatial_transformer,
         transformer_depth=model_cfg.transformer_depth, context_dim=model_cfg.context_dim or None,
+        use_linear_in_transformer=model_cfg.get("use_linear_in_transformer", False),
         num_classes=model_cfg.num_classes or None, attention_impl=model_cfg.attention_impl,
         dtype=dtype)
 

@@ -1,0 +1,175 @@
+"""diffusers folders <-> ldm_jax bundles and first-stage runs.
+
+Reading: a model folder is `config.json` + `diffusion_pytorch_model.safetensors` (or `.bin`,
+read with the restricted unpickler). A pipeline folder has `unet/` and `vae/` (or `vqvae/`, as
+diffusers' LDMPipeline names it) and optionally `scheduler/scheduler_config.json`.
+
+Writing (`--to=diffusers`): `unet/`, `vae/` (AutoencoderKL) or `vqvae/` (VQModel),
+`scheduler/scheduler_config.json` (a DDIMScheduler matching ldm_jax's DDIM), plus an LDMPipeline
+`model_index.json` for VQ + UNet2DModel; each model folder loadable by diffusers' `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ldm_jax import weights_io
+from ldm_jax.convert import configs
+from ldm_jax.convert.common import ConversionError
+
+_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_VAE_DIRS = ("vae", "vqvae")
+_DIFFUSERS_VERSION = "0.42.1"  # the release these folders were checked against
+
+
+def is_model_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def is_pipeline_folder(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "unet")) and any(
+        os.path.isdir(os.path.join(path, d)) for d in _VAE_DIRS)
+
+
+def read_model_folder(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """(config.json as a dict, flat state dict) of a diffusers model folder."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConversionError(f"{path}: not a diffusers model folder (no config.json).")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    for name in _WEIGHTS:
+        weights = os.path.join(path, name)
+        if os.path.isfile(weights):
+            sd = (weights_io.load_safetensors(weights) if name.endswith(".safetensors")
+                  else weights_io.load_torch_state_dict(weights))
+            return cfg, {k: np.asarray(v, np.float32) for k, v in sd.items()}
+    raise ConversionError(f"{path}: no weights ({' or '.join(_WEIGHTS)}); sharded or variant "
+                          f"weight files are not supported.")
+
+
+def _vae_dir(path: str) -> str:
+    for d in _VAE_DIRS:
+        if os.path.isdir(os.path.join(path, d)):
+            return os.path.join(path, d)
+    raise ConversionError(f"{path}: no vae/ or vqvae/ subfolder.")
+
+
+def convert_vae_folder(path: str) -> Tuple[Any, dict, float]:
+    """diffusers AutoencoderKL / VQModel folder -> (autoencoder config, params, scaling_factor)."""
+    from ldm_jax import convert
+    cfg, sd = read_model_folder(path)
+    fields = convert.ae_fields_from_diffusers(cfg)
+    params = convert.ae_params_from_diffusers(sd, fields)
+    return configs.autoencoder_config(fields), params, float(cfg.get("scaling_factor", 1.0))
+
+
+def convert_unet_folder(path: str) -> Tuple[dict, dict, int]:
+    """diffusers UNet folder -> (config.model fields, params, latent size)."""
+    from ldm_jax import convert
+    cfg, sd = read_model_folder(path)
+    fields = convert.unet_fields_from_diffusers(cfg)
+    size = cfg.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ConversionError(f"{path}/config.json sample_size={size}: ldm_jax's latents are "
+                                  f"square.")
+        size = size[0]
+    if not isinstance(size, int) or size <= 0:
+        raise ConversionError(f"{path}/config.json: sample_size (the latent size) is missing.")
+    return fields, convert.unet_params_from_diffusers(sd, fields), size
+
+
+def convert_to_bundle_kwargs(unet_dir: str, vae_dir: str, scheduler_json: Optional[str], *,
+                             scale_factor: Optional[float] = None,
+                             log: Callable[[str], None] = print) -> dict:
+    """UNet + VAE folders (+ scheduler config) -> keyword arguments of bundle.save_bundle."""
+    fields, unet, size = convert_unet_folder(unet_dir)
+    ae_config, ae, vae_scale = convert_vae_folder(vae_dir)
+    sched = None
+    if scheduler_json is not None:
+        with open(scheduler_json) as f:
+            sched = json.load(f)
+    else:
+        log("no scheduler config given: using ldm_jax's default schedule (linear 0.0015..0.0195, "
+            "1000 steps, eps).")
+    diffusion = configs.diffusion_from_scheduler(sched)
+    scale = vae_scale if scale_factor is None else float(scale_factor)
+    log(f"latent scale factor {scale} ({'--scale_factor' if scale_factor is not None else 'the VAE config scaling_factor'}).")
+    if fields["use_spatial_transformer"]:
+        log("note: this UNet cross-attends to a context (UNet2DConditionModel); ldm_jax's "
+            "sampling cannot produce that context yet, so the bundle is for inspection/export.")
+    config = configs.stage2_config(fields, latent_size=size, first_stage_kind=ae_config.model.kind,
+                                   diffusion=diffusion, num_classes_conditioning=True)
+    config.latents.scale_factor = scale
+    return dict(config=config, unet_params=unet, first_stage_config=ae_config,
+                first_stage_params=ae, scale_factor=scale,
+                source={"format": "diffusers", "unet": os.path.abspath(unet_dir),
+                        "vae": os.path.abspath(vae_dir)})
+
+
+def pipeline_parts(path: str) -> Tuple[str, str, Optional[str]]:
+    """(unet dir, vae dir, scheduler_config.json or None) of a pipeline folder."""
+    sched = os.path.join(path, "scheduler", "scheduler_config.json")
+    return os.path.join(path, "unet"), _vae_dir(path), sched if os.path.isfile(sched) else None
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+
+def write_model_folder(path: str, config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray]
+                       ) -> None:
+    """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout)."""
+    os.makedirs(path, exist_ok=False)
+    cfg = dict(config, _diffusers_version=_DIFFUSERS_VERSION)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    weights_io.save_safetensors(dict(state_dict), os.path.join(path, _WEIGHTS[0]),
+                                metadata={"format": "pt"})
+
+
+def export_first_stage(out_dir: str, ae_config, params, scale_factor: float) -> str:
+    """Write a first stage as a diffusers AutoencoderKL / VQModel folder; returns its path."""
+    from ldm_jax import convert
+    fields = ae_config.model
+    cfg = convert.ae_diffusers_config(fields, scale_factor)
+    write_model_folder(out_dir, cfg, convert.ae_params_to_diffusers(params, fields))
+    return out_dir
+
+
+def export_bundle(out_dir: str, bundle) -> None:
+    """Write a loaded bundle as a diffusers pipeline-style folder."""
+    from ldm_jax import convert
+    if bundle.first_stage is None:
+        raise ConversionError(f"{bundle.directory}: the bundle has no first stage, which a "
+                              f"diffusers pipeline needs.")
+    m = bundle.config.model
+    h, w, _ = bundle.config.data.latent_shape
+    if h != w:
+        raise ConversionError(f"latent shape {h}x{w} is not square; diffusers' sample_size is one "
+                              f"number.")
+    os.makedirs(out_dir, exist_ok=False)
+    unet_cfg = convert.unet_diffusers_config(m, int(h))
+    write_model_folder(os.path.join(out_dir, "unet"), unet_cfg,
+                       convert.unet_params_to_diffusers(bundle.unet_params, m))
+    kind = bundle.first_stage.kind
+    vae_name = "vae" if kind == "kl" else "vqvae"
+    export_first_stage(os.path.join(out_dir, vae_name), bundle.first_stage.config,
+                       bundle.first_stage.params, bundle.scale_factor)
+    os.makedirs(os.path.join(out_dir, "scheduler"))
+    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(dict(configs.scheduler_from_diffusion(bundle.config.diffusion),
+                       _diffusers_version=_DIFFUSERS_VERSION), f, indent=2, sort_keys=True)
+    if kind == "vq" and unet_cfg["_class_name"] == "UNet2DModel":
+        # Exactly diffusers' unconditional LDMPipeline (vqvae + unet + scheduler); KL latent
+        # diffusion without text has no stock pipeline, so its folders are loaded one by one.
+        index = {"_class_name": "LDMPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+                 "unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"],
+                 "scheduler": ["diffusers", "DDIMScheduler"]}
+        with open(os.path.join(out_dir, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
