@@ -2,7 +2,7 @@
 
   python -m ldm_jax.precompute_latents --config=configs/X.py[:variant] --first_stage=RUN_DIR \\
       --output=OUT_DIR [--config.key=value ...] [--splits=train,test] [--batch_size=N] \\
-      [--examples_per_shard=N] [--jax_distributed]
+      [--examples_per_shard=N] [multi-host flags: docs/multihost.md]
 
 Reads the stage-2 config's `source_data` group (the images: same fields as `data`) and
 `latents` group (scale_factor, scale_num_examples, seed). Every example of each split is
@@ -19,7 +19,8 @@ run. progress/run.json fingerprints the first stage and the source; an OUT_DIR w
 different one is refused. `ldm_latents.json` is written last (atomically): without it the
 data set is incomplete.
 
-Multi-host (--jax_distributed, OUT_DIR on a file system every host sees): unfinished shards are
+Multi-host (started like training, see docs/multihost.md; OUT_DIR and the source images on a
+file system every host sees): unfinished shards are
 dealt round-robin to the processes; in each round every host encodes its own shard (the global
 batch is the hosts' local batches side by side) and writes only it; process 0 writes the
 metadata after a barrier.
@@ -45,7 +46,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from ldm_jax import cli, config_lib, sharding
+from ldm_jax import cli, config_lib, distributed, sharding
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data import pipeline, sources
 
@@ -83,8 +84,9 @@ def _canonical(obj: Any) -> Any:
 
 
 def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"ldm_jax.precompute_latents:{name}")
+    # A coordination-service barrier, not a device collective: hosts may arrive minutes apart
+    # (one scans the source or compiles longer), which a first gloo collective does not allow.
+    distributed.barrier(f"precompute_latents:{name}")
 
 
 def _file_sha256(path: str) -> str:
@@ -585,8 +587,7 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=0,
                         help="global encode batch (default: config.batch_size)")
     parser.add_argument("--examples_per_shard", type=int, default=DEFAULT_EXAMPLES_PER_SHARD)
-    parser.add_argument("--jax_distributed", action="store_true",
-                        help="call jax.distributed.initialize() from the environment (multi-host)")
+    cli.add_distributed_flags(parser)
     return parser.parse_args(rest), overrides
 
 
@@ -595,7 +596,7 @@ def main(argv=None) -> int:
 
     def command():
         config = cli.load_config(args.config, overrides)
-        cli.maybe_initialize_distributed(args.jax_distributed)
+        cli.initialize_distributed(args)
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         precompute(config, args.first_stage, args.output, splits=splits or None,
                    batch_size=args.batch_size or None, examples_per_shard=args.examples_per_shard)

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from ldm_jax import checkpointing, logging_utils, sharding
+from ldm_jax import checkpointing, cli, distributed, logging_utils, sharding
 from ldm_jax.diffusion import samplers
 
 
@@ -69,7 +70,37 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
 
 def generate(task, params, constants, *, num: int, batch_size: int, seed: int, sampler,
              guidance_scale: float, labels: np.ndarray | None, mesh) -> np.ndarray:
-    """uint8 images [num, H, W, 3]; batches sharded over the mesh."""
+    """uint8 images [num, H, W, 3], the same on every process; batches sharded over the mesh.
+
+    Multi-host: every process runs this with the same arguments (the noise and labels of batch
+    i depend only on (seed, i) and `labels`), and each batch is gathered from all hosts, so
+    the result does not depend on the number of processes or devices.
+    """
+    out = [logging_utils.to_uint8(_gather(images)) for images in sample_batches(
+        task, params, constants, num=num, batch_size=batch_size, seed=seed, sampler=sampler,
+        guidance_scale=guidance_scale, labels=labels, mesh=mesh)]
+    return np.concatenate(out)[:num]
+
+
+def _gather(array: jax.Array) -> np.ndarray:
+    """A global array as numpy on this host; across processes when it spans several."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _global(value, sharding_):
+    """Host numpy (the same on every process) -> a global array with `sharding_`. Unlike
+    device_put, also valid for shardings that span devices of other processes."""
+    value = np.asarray(jax.device_get(value))
+    return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
+
+
+def sample_batches(task, params, constants, *, num: int, batch_size: int, seed: int, sampler,
+                   guidance_scale: float, labels: np.ndarray | None, mesh):
+    """Yields ceil(num / batch_size) decoded batches [batch_size, H, W, 3] in [-1, 1], global
+    arrays sharded over the mesh (the last batch is padded: keep its first rows only). Batch i
+    uses the noise of fold_in(key(seed), i) and labels[i * batch_size:] (cycled)."""
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
@@ -79,18 +110,26 @@ def generate(task, params, constants, *, num: int, batch_size: int, seed: int, s
         z = jax.lax.with_sharding_constraint(z, batch_sharding)
         return task.decode(constants, z)
 
-    fn = jax.jit(sample_batch, out_shardings=batch_sharding)
-    params = jax.device_put(params, replicated)
-    constants = jax.device_put(constants, replicated)
-    out = []
+    def sample_index(params, constants, i, batch_labels):
+        # Every input is a global array made from host numpy that is identical on all
+        # processes; the key is derived inside the computation from the batch index.
+        return sample_batch(params, constants, jax.random.fold_in(jax.random.key(seed), i),
+                            batch_labels)
+
+    fn = jax.jit(sample_index, out_shardings=batch_sharding)
+    params = jax.tree_util.tree_map(lambda x: _global(x, replicated), params)
+    constants = jax.tree_util.tree_map(lambda x: _global(x, replicated), constants)
     for i in range(-(-num // batch_size)):
         batch_labels = None
         if labels is not None:
             chunk = np.resize(labels[i * batch_size:(i + 1) * batch_size], batch_size)
-            batch_labels = jax.device_put(jnp.asarray(chunk, jnp.int32), batch_sharding)
-        images = fn(params, constants, jax.random.fold_in(jax.random.key(seed), i), batch_labels)
-        out.append(logging_utils.to_uint8(np.asarray(jax.device_get(images))))
-    return np.concatenate(out)[:num]
+            batch_labels = _global(chunk.astype(np.int32), batch_sharding)
+        args = (params, constants, _global(np.uint32(i), replicated), batch_labels)
+        if i == 0:
+            # Compile first, then start the first batch on all processes together.
+            fn = fn.lower(*args).compile()
+            distributed.barrier("sample_compiled")
+        yield fn(*args)
 
 
 def main(argv=None) -> int:
@@ -110,7 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=0, help="0: num rounded to devices")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--no_ema", action="store_true", help="use the raw (non-EMA) weights")
+    cli.add_distributed_flags(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cli.initialize_distributed(args)  # before anything touches a device (multi-host)
 
     config, task, params, step = load_params(args.workdir, step=args.step, use_ema=not args.no_ema)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})

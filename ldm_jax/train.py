@@ -20,8 +20,7 @@ def parse_args(argv):
     parser.add_argument("--config", required=True,
                         help="config file with optional variant, e.g. configs/autoencoder_kl_f4.py:smoke")
     parser.add_argument("--workdir", required=True, help="run directory (checkpoints, logs, images)")
-    parser.add_argument("--jax_distributed", action="store_true",
-                        help="call jax.distributed.initialize() from the environment (multi-host)")
+    cli.add_distributed_flags(parser)
     args = parser.parse_args(rest)
     return args, overrides
 
@@ -31,7 +30,7 @@ def main(argv=None) -> int:
 
     def command():
         config = cli.load_config(args.config, overrides)
-        cli.maybe_initialize_distributed(args.jax_distributed)
+        cli.initialize_distributed(args)
         from ldm_jax.trainer import train_and_evaluate
         train_and_evaluate(config, args.workdir)
 
