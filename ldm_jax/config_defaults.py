@@ -31,7 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.compilation_cache_dir = "~/.cache/ldm_jax/xla"
 
     # Mesh axis sizes; -1 fills with the remaining devices. The batch is split over both axes;
-    # parameters and optimiser state are sharded over `fsdp` by `sharding.param_rules`.
+    # parameters, EMA and optimiser state are sharded over `fsdp` by `sharding.param_rules`.
+    # One line picks the layout: data parallel is the default (fsdp=1); --config.mesh.fsdp=8
+    # is pure FSDP on 8 devices; --config.mesh.fsdp=4 on 16 devices is a mix (data=4 x fsdp=4).
+    # Same losses as data parallel to float rounding (tests/test_fsdp.py).
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     c.sharding = ml_collections.ConfigDict()
     # (regex on the '/'-joined parameter path, action) pairs, first match wins. Actions:

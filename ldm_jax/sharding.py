@@ -148,3 +148,17 @@ def abstract_batch(local_example_batch: dict, mesh: Mesh) -> dict:
     return {k: jax.ShapeDtypeStruct((v.shape[0] * n,) + tuple(v.shape[1:]), v.dtype,
                                     sharding=sharding)
             for k, v in local_example_batch.items()}
+
+
+def bytes_on_device(tree: Any, device: jax.Device | None = None) -> int:
+    """Bytes the arrays of `tree` hold on one device (default: the first local device).
+
+    Sums the addressable shards that live on that device, so a parameter sharded N ways over
+    'fsdp' counts 1/N of its size; the per-device memory a data-parallel or FSDP state takes.
+    """
+    device = jax.local_devices()[0] if device is None else device
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+    return total

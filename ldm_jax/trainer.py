@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ldm_jax import checkpointing, config_lib, logging_utils, sharding
+from ldm_jax import checkpointing, config_lib, distributed, logging_utils, sharding
 from ldm_jax.data import pipeline
 from ldm_jax.tasks import make_task
 
@@ -39,6 +39,11 @@ class _TerminationFlag:
         self._previous = None
 
     def install(self):
+        if _preemption_service_active():
+            # jax.distributed's preemption service owns SIGTERM (it tells every host and picks
+            # a common step: Checkpointer.reached_preemption); a Python handler would replace
+            # it and stop this host alone.
+            return
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. under some test runners): no handler.
@@ -50,6 +55,14 @@ class _TerminationFlag:
     def uninstall(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service_active() -> bool:
+    """True in a jax.distributed job whose preemption service is running (no public API)."""
+    from jax._src import distributed as jax_distributed
+    state = jax_distributed.global_state
+    return (getattr(state, "client", None) is not None
+            and getattr(state, "preemption_sync_manager", None) is not None)
 
 
 def _to_host(tree):
@@ -166,6 +179,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     if start_step < config.total_steps:
         compiled_step(task.phase_for_step(start_step))
+    # Multi-host: start the first step together (see distributed.barrier); no-op on one process.
+    distributed.barrier("train_step_compiled")
     eval_batch = dict(abstract_batch, mask=jax.ShapeDtypeStruct(
         abstract_batch[first_key].shape[:1], np.bool_, sharding=batch_sharding))
     eval_fn = jax.jit(task.eval_step, in_shardings=(
@@ -207,7 +222,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             is_last = step_num == config.total_steps
             # Read the flag once: SIGTERM may land between here and the save below, and the
             # run must never report a save it did not make.
-            stopping = terminate.requested
+            preempted = ckpt.reached_preemption(step_num)  # every step: a multi-host sync point.
+            stopping = terminate.requested or preempted
             want_save = step_num % config.checkpoint_every_steps == 0 or is_last or stopping
             if step_num % config.log_every_steps == 0 or want_save:
                 logged = _mean_metrics(pending)
@@ -228,7 +244,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if want_save:
                 save(step_num)
             if stopping:
-                print(f"SIGTERM: saved checkpoint at step {step_num}; rerun the same command to "
+                why = "Preemption notice" if preempted else "SIGTERM"
+                print(f"{why}: saved checkpoint at step {step_num}; rerun the same command to "
                       f"resume.", flush=True)
                 break
     finally:
