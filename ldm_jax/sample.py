@@ -6,8 +6,9 @@
 Writes `<out>/000000.png ...` (one PNG per sample), `<out>/grid.png` and `<out>/samples.npz`
 (`images` uint8 [N, H, W, 3], plus `labels` int32 [N] for class-conditional runs). Samples come
 from the EMA weights unless --no_ema. `--workdir` may also be an inference bundle written by
-`python -m ldm_jax.export` or `python -m ldm_jax.convert` (see ldm_jax/bundle.py). Batches are sharded over all devices; the noise of batch
-i is a function of (seed, i) only, so the same seed gives the same samples on any device count.
+`python -m ldm_jax.export` or `python -m ldm_jax.convert` (see ldm_jax/bundle.py). Batches
+are sharded over all devices; the noise of sample j is a function of (seed, j) only, so the
+same seed gives the same samples whatever the device count, batch size or number of hosts.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def _global(value, sharding_):
 def sample_batches(task, params, constants, *, num: int, batch_size: int, seed: int, sampler,
                    guidance_scale: float, labels: np.ndarray | None, mesh):
     """Yields ceil(num / batch_size) decoded batches [batch_size, H, W, 3] in [-1, 1], global
-    arrays sharded over the mesh (the last batch is padded: keep its first rows only). Batch i
-    uses the noise of fold_in(key(seed), i) and labels[i * batch_size:] (cycled)."""
+    arrays sharded over the mesh (the last batch is padded: keep its first rows only). Sample j
+    draws its noise from fold_in(key(seed), j) alone; batch i takes labels[i * batch_size:]
+    (cycled)."""
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
@@ -113,8 +115,11 @@ def sample_batches(task, params, constants, *, num: int, batch_size: int, seed: 
     def sample_index(params, constants, i, batch_labels):
         # Every input is a global array made from host numpy that is identical on all
         # processes; the key is derived inside the computation from the batch index.
-        return sample_batch(params, constants, jax.random.fold_in(jax.random.key(seed), i),
-                            batch_labels)
+        # One key per sample (sample j: fold_in(key(seed), j)), so a sample does not depend
+        # on the batch size, hence not on the device count either.
+        index = i * batch_size + jnp.arange(batch_size, dtype=jnp.uint32)
+        keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(seed), j))(index)
+        return sample_batch(params, constants, keys, batch_labels)
 
     fn = jax.jit(sample_index, out_shardings=batch_sharding)
     params = jax.tree_util.tree_map(lambda x: _global(x, replicated), params)

@@ -74,7 +74,7 @@ def trained_class_conditional_run(tmp_path_factory):
 
 
 def test_same_seed_same_samples_on_1_and_8_devices(tmp_path, trained_class_conditional_run):
-    """The noise of each batch depends on (seed, batch) only, not on the device count."""
+    """Sample j's noise depends on (seed, j) only: not on the device count or batch size."""
     from ldm_jax import sample, sharding
     config, task = sample.load_run(trained_class_conditional_run)
     state, _ = checkpointing.restore_raw_state(trained_class_conditional_run)
@@ -87,3 +87,8 @@ def test_same_seed_same_samples_on_1_and_8_devices(tmp_path, trained_class_condi
         {"data": 1, "fsdp": 1}, devices=jax.devices()[:1]), **kwargs)
     # Same noise; float reductions may differ in the last bit across partitionings.
     assert np.abs(many.astype(int) - one.astype(int)).max() <= 1
+    kwargs.update(num=6, batch_size=3)  # other batches, and one device holding all of each
+    smaller = sample.generate(task, state["ema_params"], {}, mesh=sharding.make_mesh(
+        {"data": 1, "fsdp": 1}, devices=jax.devices()[:1]), **kwargs)
+    assert np.abs(smaller.astype(int) - one[:6].astype(int)).max() <= 1
+    assert np.abs(one[1:].astype(int) - one[:-1].astype(int)).max() > 10  # samples differ

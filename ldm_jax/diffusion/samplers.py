@@ -5,6 +5,11 @@ sampler settings and returns a pure function
 
     sample(model_fn, shape, rng, *, x_T=None) -> x0 sample of ``shape``
 
+``rng`` is one key, or a batch of ``shape[0]`` keys (typed keys, ``jax.random.key``): then
+example b draws all its noise from ``rng[b]`` alone, so a sample does not depend on the batch
+it is drawn in (the sample command gives sample j the key fold_in(key(seed), j), which makes
+samples independent of the batch size and the device count).
+
 where ``model_fn(x_t, t)`` returns the network output for a batch (``t`` is an int32 [B]
 array of training-time indices) in the parameterisation given to the factory ('eps', 'x0' or
 'v'). The whole reverse chain is a single `jax.lax.fori_loop`, so
@@ -50,12 +55,41 @@ def _check_parameterization(p: str) -> None:
         raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {p!r}")
 
 
+def _is_key_batch(rng, shape) -> bool:
+    """True for a batch of typed keys, one per example; checks its length."""
+    if not (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1):
+        return False
+    if rng.shape[0] != shape[0]:
+        raise ValueError(f"a batch of {rng.shape[0]} keys was given for {shape[0]} examples; "
+                         f"pass one key, or one key per example")
+    return True
+
+
+def _split(rng, shape):
+    if _is_key_batch(rng, shape):
+        keys = jax.vmap(jax.random.split)(rng)
+        return keys[:, 0], keys[:, 1]
+    return tuple(jax.random.split(rng))
+
+
+def _fold_in(rng, i, shape):
+    if _is_key_batch(rng, shape):
+        return jax.vmap(lambda k: jax.random.fold_in(k, i))(rng)
+    return jax.random.fold_in(rng, i)
+
+
+def _normal(rng, shape):
+    if _is_key_batch(rng, shape):
+        return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(rng)
+    return jax.random.normal(rng, shape, jnp.float32)
+
+
 def _initial_noise(rng, shape, x_T):
     if x_T is not None:
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T shape {x_T.shape} != requested shape {tuple(shape)}")
         return jnp.asarray(x_T, jnp.float32)
-    return jax.random.normal(rng, shape, dtype=jnp.float32)
+    return _normal(rng, shape)
 
 
 @register_sampler("ddpm")
@@ -72,7 +106,7 @@ def make_ddpm_sampler(schedule: DiffusionSchedule, parameterization: str = "eps"
 
     def sample(model_fn: Callable, shape, rng: jax.Array, *,
                x_T: Optional[jax.Array] = None) -> jax.Array:
-        init_rng, loop_rng = jax.random.split(rng)
+        init_rng, loop_rng = _split(rng, shape)
         x = _initial_noise(init_rng, shape, x_T)
         batch = shape[0]
 
@@ -84,7 +118,7 @@ def make_ddpm_sampler(schedule: DiffusionSchedule, parameterization: str = "eps"
             if clip_denoised:
                 x0 = jnp.clip(x0, -1.0, 1.0)
             mean, _, log_var = q_posterior_mean_variance(schedule, x0, x, t)
-            noise = jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
+            noise = _normal(_fold_in(loop_rng, i, shape), shape)
             keep_noise = (t_int > 0).astype(jnp.float32)
             return mean + keep_noise * jnp.exp(0.5 * log_var) * noise
 
@@ -146,7 +180,7 @@ def make_ddim_sampler(schedule: DiffusionSchedule, num_steps: int = 50, eta: flo
 
     def sample(model_fn: Callable, shape, rng: jax.Array, *,
                x_T: Optional[jax.Array] = None) -> jax.Array:
-        init_rng, loop_rng = jax.random.split(rng)
+        init_rng, loop_rng = _split(rng, shape)
         x = _initial_noise(init_rng, shape, x_T)
         batch = shape[0]
 
@@ -157,7 +191,7 @@ def make_ddim_sampler(schedule: DiffusionSchedule, num_steps: int = 50, eta: flo
             eps, x0 = model_output_to_eps_x0(schedule, parameterization, x, t, out)
             x = tab["sqrt_a_prev"][idx] * x0 + tab["dir_coef"][idx] * eps
             if eta > 0:  # static: the deterministic sampler draws no per-step noise at all
-                noise = jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
+                noise = _normal(_fold_in(loop_rng, i, shape), shape)
                 x = x + tab["sigma"][idx] * noise
             return x
 
