@@ -130,88 +130,88 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                       async_save=config.async_checkpointing)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        try:
-            state, meta = ckpt.restore(latest, abstract_state, config_json)
-        except checkpointing.CheckpointError:
-            ckpt.close()  # release orbax's background threads before reporting
-            raise
-        start_step, data_step = int(jax.device_get(state.step)), int(meta["data_step"])
-        print(f"Resuming from {ckpt.directory}/{latest} (step {start_step}).", flush=True)
-    else:
-        with jax.set_mesh(mesh):
-            state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-        start_step = data_step = 0
-    last_good = latest
-    # Written only once the checkpoint (if any) is known to match: tools that read the run
-    # (sample, load_first_stage) must never see a config the parameters do not follow.
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2, sort_keys=True)
-
-    train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                              seed=config.seed, start_step=data_step)
-
-    # --- compile the step before the loop (state donated); the eval step too -----------------
-    # A stage with several step variants (the first stage's 'rec' and 'gan') compiles the
-    # variant the run starts in now and each other one once, when the run first reaches it.
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch_shardings = {k: batch_sharding for k in abstract_batch}
-    replicated = sharding.replicated(mesh)
-    compiled = {}
-    constants = jax.device_put(task.constants(), replicated)
-    constants_shardings = jax.tree_util.tree_map(lambda _: replicated, constants)
-    abstract_constants = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), constants)
-
-    def compiled_step(phase: str):
-        if phase not in compiled:
-            t0 = time.perf_counter()
-            step_fn = jax.jit(functools.partial(task.train_step, phase=phase),
-                              in_shardings=(state_shardings, batch_shardings, constants_shardings),
-                              out_shardings=(state_shardings, replicated), donate_argnums=0)
-            compiled[phase] = step_fn.lower(abstract_state, abstract_batch, abstract_constants).compile()
-            print(f"Compiled train step '{phase}' in {time.perf_counter() - t0:.1f}s on mesh "
-                  f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} "
-                  f"process(es)).", flush=True)
-        return compiled[phase]
-
-    if start_step < config.total_steps:
-        compiled_step(task.phase_for_step(start_step))
-    # Multi-host: start the first step together (see distributed.barrier); no-op on one process.
-    distributed.barrier("train_step_compiled")
-    eval_batch = dict(abstract_batch, mask=jax.ShapeDtypeStruct(
-        abstract_batch[first_key].shape[:1], np.bool_, sharding=batch_sharding))
-    eval_fn = jax.jit(task.eval_step, in_shardings=(
-        state_shardings, {k: batch_sharding for k in eval_batch}, constants_shardings),
-        out_shardings=replicated)
-    image_fn = jax.jit(task.image_step, in_shardings=(state_shardings, batch_shardings,
-                                                      constants_shardings))
-
-    image_batch = sharding.global_batch(example, mesh)
-    writer = logging_utils.MetricWriter(workdir)
-    progress = logging_utils.ProgressLogger(config.total_steps, config.batch_size)
+    # Everything after this point runs under the finally below, so a failure anywhere (a bad
+    # input found while compiling, a damaged checkpoint) still stops orbax's background
+    # threads instead of leaving them to the garbage collector.
+    writer = None
     terminate = _TerminationFlag()
-    terminate.install()
-    pending, last_metrics = [], {}
-
-    def save(step_num: int):
-        nonlocal last_good
-        ckpt.save(step_num, state, checkpointing.make_meta(data_step=step_num, config_json=config_json))
-        last_good = step_num
-
-    def check_finite(step_num: int, logged: dict):
-        if config.check_finite and logged.get("finite", 1.0) < 1.0:
-            where = (f"the last good checkpoint is {ckpt.directory}/{last_good}" if last_good is not None
-                     else "no checkpoint was written yet")
-            raise NonFiniteError(
-                f"loss or gradients became NaN/Inf by step {step_num} (last metrics: "
-                f"{ {k: v for k, v in logged.items() if k in ('loss', 'grad_norm', 'd_loss')} }); "
-                f"{where}. Lower optimizer.base_learning_rate, enable optimizer.grad_clip_norm or "
-                f"use dtype=float32, then rerun to resume from that checkpoint.")
-
     try:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, meta = ckpt.restore(latest, abstract_state, config_json)
+            start_step, data_step = int(jax.device_get(state.step)), int(meta["data_step"])
+            print(f"Resuming from {ckpt.directory}/{latest} (step {start_step}).", flush=True)
+        else:
+            with jax.set_mesh(mesh):
+                state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
+            start_step = data_step = 0
+        last_good = latest
+        # Written only once the checkpoint (if any) is known to match: tools that read the run
+        # (sample, load_first_stage) must never see a config the parameters do not follow.
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(config_json, f, indent=2, sort_keys=True)
+
+        train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
+                                                  seed=config.seed, start_step=data_step)
+
+        # --- compile the step before the loop (state donated); the eval step too -----------------
+        # A stage with several step variants (the first stage's 'rec' and 'gan') compiles the
+        # variant the run starts in now and each other one once, when the run first reaches it.
+        batch_sharding = sharding.batch_sharding(mesh)
+        batch_shardings = {k: batch_sharding for k in abstract_batch}
+        replicated = sharding.replicated(mesh)
+        compiled = {}
+        constants = jax.device_put(task.constants(), replicated)
+        constants_shardings = jax.tree_util.tree_map(lambda _: replicated, constants)
+        abstract_constants = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), constants)
+
+        def compiled_step(phase: str):
+            if phase not in compiled:
+                t0 = time.perf_counter()
+                step_fn = jax.jit(functools.partial(task.train_step, phase=phase),
+                                  in_shardings=(state_shardings, batch_shardings, constants_shardings),
+                                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+                compiled[phase] = step_fn.lower(abstract_state, abstract_batch, abstract_constants).compile()
+                print(f"Compiled train step '{phase}' in {time.perf_counter() - t0:.1f}s on mesh "
+                      f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} "
+                      f"process(es)).", flush=True)
+            return compiled[phase]
+
+        if start_step < config.total_steps:
+            compiled_step(task.phase_for_step(start_step))
+        # Multi-host: start the first step together (see distributed.barrier); no-op on one process.
+        distributed.barrier("train_step_compiled")
+        eval_batch = dict(abstract_batch, mask=jax.ShapeDtypeStruct(
+            abstract_batch[first_key].shape[:1], np.bool_, sharding=batch_sharding))
+        eval_fn = jax.jit(task.eval_step, in_shardings=(
+            state_shardings, {k: batch_sharding for k in eval_batch}, constants_shardings),
+            out_shardings=replicated)
+        image_fn = jax.jit(task.image_step, in_shardings=(state_shardings, batch_shardings,
+                                                          constants_shardings))
+
+        image_batch = sharding.global_batch(example, mesh)
+        writer = logging_utils.MetricWriter(workdir)
+        progress = logging_utils.ProgressLogger(config.total_steps, config.batch_size)
+        terminate.install()
+        pending, last_metrics = [], {}
+
+        def save(step_num: int):
+            nonlocal last_good
+            ckpt.save(step_num, state, checkpointing.make_meta(data_step=step_num, config_json=config_json))
+            last_good = step_num
+
+        def check_finite(step_num: int, logged: dict):
+            if config.check_finite and logged.get("finite", 1.0) < 1.0:
+                where = (f"the last good checkpoint is {ckpt.directory}/{last_good}" if last_good is not None
+                         else "no checkpoint was written yet")
+                raise NonFiniteError(
+                    f"loss or gradients became NaN/Inf by step {step_num} (last metrics: "
+                    f"{ {k: v for k, v in logged.items() if k in ('loss', 'grad_norm', 'd_loss')} }); "
+                    f"{where}. Lower optimizer.base_learning_rate, enable optimizer.grad_clip_norm or "
+                    f"use dtype=float32, then rerun to resume from that checkpoint.")
+
         progress.start(start_step)
         step_num = start_step
         for step in range(start_step, config.total_steps):
@@ -251,6 +251,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     finally:
         terminate.uninstall()
         ckpt.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     last_metrics["step"] = step_num
     return last_metrics
