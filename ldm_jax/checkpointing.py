@@ -26,6 +26,17 @@ from ldm_jax import __version__
 _MODEL_DEFINING_FIELDS = ("stage", "model")
 
 
+def _describe_difference(name: str, saved: Any, now: Any) -> str:
+    """'config.model.ch: saved 16, now 32; ...' for the keys that differ (whole values otherwise)."""
+    if not (isinstance(saved, dict) and isinstance(now, dict)):
+        return f"saved: {json.dumps(saved, sort_keys=True)}; now: {json.dumps(now, sort_keys=True)}"
+    missing = "(absent)"
+    parts = [f"config.{name}.{key}: saved {json.dumps(saved.get(key, missing))}, now "
+             f"{json.dumps(now.get(key, missing))}"
+             for key in sorted(set(saved) | set(now)) if saved.get(key, missing) != now.get(key, missing)]
+    return "; ".join(parts)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; the message says which and what to do."""
 
@@ -87,9 +98,8 @@ class Checkpointer:
             if field in saved and saved[field] != current.get(field):
                 raise CheckpointError(
                     f"checkpoint {self.directory}/{step} was written with a different "
-                    f"config.{field} than this run (saved: {json.dumps(saved[field], sort_keys=True)};"
-                    f" now: {json.dumps(config_json.get(field), sort_keys=True)}). Use the "
-                    f"original config, or a fresh --workdir to start a new run.")
+                    f"config.{field} than this run ({_describe_difference(field, saved[field], current.get(field))}). "
+                    f"Use the original config, or a fresh --workdir to start a new run.")
         try:
             restored = self._manager.restore(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))

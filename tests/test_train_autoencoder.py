@@ -84,8 +84,11 @@ def test_rerun_of_a_finished_run_resumes_instead_of_starting_over(tmp_path):
 def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
     workdir = str(tmp_path / "w")
     train_and_evaluate(tiny_config(total_steps=2, checkpoint_every_steps=2), workdir)
-    with pytest.raises(CheckpointError, match=r"different config.model"):
+    with pytest.raises(CheckpointError, match=r"different config.model") as error:
         train_and_evaluate(tiny_config(total_steps=4, **{"model.ch": 64}), workdir)
+    # The message names the field that changed, not two whole config dumps.
+    assert f"config.model.ch: saved {tiny_config().model.ch}, now 64" in str(error.value)
+    assert "num_res_blocks" not in str(error.value)
     with open(os.path.join(workdir, "config.json")) as f:  # the run's config is left intact
         assert json.load(f)["model"]["ch"] == tiny_config().model.ch
 
