@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ldm_jax import __version__
+from ldm_jax import __version__, config_lib
 
 FORMAT = "ldm_jax.bundle"
 VERSION = 1
@@ -67,7 +67,6 @@ def is_bundle(directory: str) -> bool:
 
 
 def _config_json(config) -> dict:
-    from ldm_jax import config_lib
     return config_lib.to_json_dict(config)
 
 
@@ -163,19 +162,6 @@ def _restore_params(path: str) -> dict:
     return jax.tree_util.tree_map(np.asarray, restored)
 
 
-def _with_tuples(config_json: dict, model_keys) -> ml_collections.ConfigDict:
-    # JSON turned tuples into lists; the models want tuples (set before the ConfigDict exists:
-    # a ConfigDict keeps a field's first type).
-    config_json = json.loads(json.dumps(config_json))
-    for key in model_keys:
-        if key in config_json.get("model", {}):
-            config_json["model"][key] = tuple(config_json["model"][key])
-    data = config_json.get("data", {})
-    if "latent_shape" in data:
-        data["latent_shape"] = tuple(data["latent_shape"])
-    return ml_collections.ConfigDict(config_json)
-
-
 def load_bundle(directory: str) -> Bundle:
     """Reads a bundle written by `save_bundle` (parameters as numpy arrays on the host)."""
     directory = os.path.abspath(directory)
@@ -194,7 +180,7 @@ def load_bundle(directory: str) -> Bundle:
         raise BundleError(f"{path}: bundle version {record['version']} is newer than this "
                           f"ldm_jax understands ({VERSION}); upgrade ldm_jax.")
     params = _restore_params(os.path.join(directory, _PARAMS))
-    config = _with_tuples(record["config"], ("attention_resolutions", "channel_mult"))
+    config = config_lib.config_from_json(record["config"])
 
     first_stage = None
     if record.get("first_stage_config") is not None:
@@ -211,7 +197,7 @@ def load_bundle(directory: str) -> Bundle:
 def _first_stage_from(config_json: dict, params, directory: str):
     from ldm_jax import first_stage as first_stage_lib
     from ldm_jax.models import autoencoder as ae_models
-    config = _with_tuples(config_json, ("ch_mult", "attn_resolutions"))
+    config = config_lib.config_from_json(config_json)
     identity = {"bundle": directory, "model_config_hash": first_stage_lib.model_config_hash(config.model),
                 "params_hash": first_stage_lib.params_hash(params), "kind": config.model.kind}
     return first_stage_lib.FirstStage(model=ae_models.make_first_stage(config.model), params=params,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import os
 from typing import Any, Iterable, Sequence
 
@@ -181,3 +182,24 @@ def check_common_fields(config: ml_collections.ConfigDict) -> None:
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:
     """A JSON-serialisable plain dict of the config (tuples become lists)."""
     return ml_collections.ConfigDict(config).to_dict()
+
+
+# Fields the models and the pipeline take as tuples; JSON stores them as lists.
+_TUPLE_FIELDS = {"model": ("ch_mult", "attn_resolutions", "attention_resolutions", "channel_mult"),
+                 "data": ("latent_shape",)}
+
+
+def config_from_json(config_json: dict) -> ml_collections.ConfigDict:
+    """The inverse of `to_json_dict`: a ConfigDict with its tuple fields as tuples again.
+
+    The tuples are restored in the plain dict, before the ConfigDict exists: a ConfigDict keeps
+    a field's first type, so assigning a tuple to a field that was built as a list leaves a list.
+    """
+    config_json = json.loads(json.dumps(config_json))
+    for group, keys in _TUPLE_FIELDS.items():
+        fields = config_json.get(group)
+        if isinstance(fields, dict):
+            for key in keys:
+                if isinstance(fields.get(key), list):
+                    fields[key] = tuple(fields[key])
+    return ml_collections.ConfigDict(config_json)

@@ -26,6 +26,8 @@ import sys
 
 import ml_collections
 
+from ldm_jax import config_lib
+
 
 class ExportError(ValueError):
     """The run cannot be exported (not a stage-2 run, missing checkpoint, missing first stage)."""
@@ -38,15 +40,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         raise ExportError(f"--workdir={workdir}: no config.json there; give a stage-2 training run "
                           f"directory (python -m ldm_jax.train --config=configs/ldm_*.py).")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = config_lib.config_from_json(json.load(f))
     if config.get("stage") != "diffusion":
         raise ExportError(f"--workdir={workdir} is a {config.get('stage')!r} run; export needs a "
                           f"diffusion (stage 2) run. An autoencoder run is already usable as a "
                           f"first stage (--first_stage / config.first_stage.workdir).")
-    # JSON turned tuples into lists; the UNet and the data pipeline want tuples.
-    for key in ("attention_resolutions", "channel_mult"):
-        config.model[key] = tuple(config.model[key])
-    config.data.latent_shape = tuple(config.data.latent_shape)
     return config
 
 

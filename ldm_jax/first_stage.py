@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax import checkpointing
+from ldm_jax import checkpointing, config_lib
 from ldm_jax.models import autoencoder as ae_models
 
 
@@ -84,7 +84,7 @@ def load_first_stage(workdir: str, step: int | None = None, dtype=jnp.float32) -
             f"{ckpt_dir}/); train one with python -m ldm_jax.train "
             f"--config=configs/autoencoder_*.py --workdir={workdir}.")
     with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = config_lib.config_from_json(json.load(f))
     if config.get("stage") != "autoencoder":
         raise FirstStageError(f"--first_stage={workdir} is a {config.get('stage')!r} run, not an "
                               f"autoencoder run.")
@@ -92,9 +92,6 @@ def load_first_stage(workdir: str, step: int | None = None, dtype=jnp.float32) -
     params = state["params"]["generator"]["model"]
     params = jax.tree_util.tree_map(np.asarray, params)
     model_cfg = config.model
-    # JSON turned tuples into lists; the model wants tuples.
-    for key in ("ch_mult", "attn_resolutions"):
-        model_cfg[key] = tuple(model_cfg[key])
     model = ae_models.make_first_stage(model_cfg, dtype)
     identity = {"workdir": os.path.abspath(workdir), "step": int(step),
                 "model_config_hash": model_config_hash(model_cfg), "params_hash": params_hash(params),

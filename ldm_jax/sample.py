@@ -20,11 +20,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ldm_jax import checkpointing, cli, distributed, logging_utils, sharding
+from ldm_jax import checkpointing, cli, config_lib, distributed, logging_utils, sharding
 from ldm_jax.diffusion import samplers
 
 
@@ -39,7 +38,7 @@ def load_run(workdir: str):
         raise FileNotFoundError(f"--workdir={workdir}: no config.json there; is it a training run "
                                 f"(or a bundle from python -m ldm_jax.export)?")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = config_lib.config_from_json(json.load(f))
     if config.stage != "diffusion":
         raise ValueError(f"--workdir={workdir} is a {config.stage!r} run; sampling needs a "
                          f"diffusion (stage 2) run.")
