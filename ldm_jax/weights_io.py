@@ -520,6 +520,18 @@ def flatten_state_dict(tree: Any, sep: str = ".", prefix: str = "") -> Dict[str,
     return out
 
 
+def unflatten_state_dict(flat: Mapping[str, Any], sep: str = ".") -> Dict[str, Any]:
+    """The inverse of `flatten_state_dict`: ``{"a.b.c": leaf}`` -> nested dicts."""
+    tree: Dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(sep)
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "params")
 
 

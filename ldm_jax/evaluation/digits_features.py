@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ldm_jax.weights_io import flatten_state_dict, unflatten_state_dict
+
 VERSION = "digits_cnn_v1"
 FEATURE_DIM = 64
 NUM_CLASSES = 10
@@ -164,28 +166,6 @@ def classifier_accuracy(params, images: np.ndarray, labels: np.ndarray) -> float
 # ------------------------------------------------------------------------------- cache
 
 
-def _flatten(params, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for key, value in params.items():
-        name = f"{prefix}/{key}" if prefix else key
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def params_digest(params) -> str:
     """Short sha256 of the parameters (their identity in the cache metadata)."""
     from ldm_jax.first_stage import params_hash
@@ -197,7 +177,8 @@ def save_params(path: str, params, meta: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
-        np.savez(f, __meta__=np.asarray(json.dumps(meta, sort_keys=True)), **_flatten(params))
+        flat = flatten_state_dict(jax.tree_util.tree_map(np.asarray, params), sep="/")
+        np.savez(f, __meta__=np.asarray(json.dumps(meta, sort_keys=True)), **flat)
     os.replace(tmp, path)
 
 
@@ -208,7 +189,8 @@ def load_params(path: str) -> tuple[dict, dict]:
         if "__meta__" not in data.files:
             raise ValueError(f"{path} is not a {VERSION} parameter file (no __meta__).")
         meta = json.loads(str(data["__meta__"]))
-        params = _unflatten({k: np.asarray(data[k]) for k in data.files if k != "__meta__"})
+        params = unflatten_state_dict(
+            {k: np.asarray(data[k]) for k in data.files if k != "__meta__"}, sep="/")
     expected = jax.eval_shape(lambda: DigitsCNN().init(
         jax.random.key(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3)))["params"])
     got = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), params)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.weights_io import load_weights, save_safetensors
+from ldm_jax.weights_io import load_weights, save_safetensors, unflatten_state_dict
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -231,14 +231,7 @@ def lpips_params_from_state_dict(state_dict: Mapping[str, Any], source: str = "w
         raise ValueError(f"Cannot build LPIPS params from {source}: " + "; ".join(problems)
                          + f". Expected torchvision '{os.path.basename(VGG16_URL)}' + "
                          f"{LPIPS_LIN_HINT}, or a combined file from save_lpips_params_npz.")
-    params: Dict[str, Any] = {}
-    for path, arr in flat.items():
-        node = params
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = arr
-    return params
+    return unflatten_state_dict(flat, sep="/")
 
 
 def _source_shape(key: str, flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
