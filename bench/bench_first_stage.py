@@ -6,7 +6,7 @@ Rows (same architecture, same batch, same machine):
   ldm_jax (task)   the real project step: AutoencoderTask(config).train_step(.., phase='rec')
                    (learned-logvar NLL, KL, Adam with schedule, grad norm, finite check) built
                    from configs/autoencoder_kl_f4_digits.py with overrides; jitted exactly as
-                   ldm_jax/trainer.py does (state donated, AOT compiled).
+                   ldm_jax/training/trainer.py does (state donated, AOT compiled).
   torch (NCHW / channels_last)  diffusers.AutoencoderKL with DownEncoderBlock2D/UpDecoderBlock2D,
                    block_out_channels=ch*mult, layers_per_block=num_res_blocks, same loss,
                    torch.optim.Adam. Its mid blocks have attention, as do ldm_jax's (CompVis
@@ -142,7 +142,7 @@ def bench_jax_task(a, x_nhwc):
 
     import jax
     import jax.numpy as jnp
-    from ldm_jax import config_lib
+    from ldm_jax.config import loading as config_lib
     from ldm_jax.tasks.autoencoder import AutoencoderTask
 
     c = config_lib.load_config(os.path.join(REPO, "configs/autoencoder_kl_f4_digits.py"))

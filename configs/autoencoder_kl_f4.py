@@ -1,11 +1,11 @@
-"""KL-f4: 64x64x3 latents at 256 px (DESIGN.md §2).
+"""KL-f4: 64x64x3 latents at 256 px.
 
 Variants: none (the paper's run on ImageNet from TFDS at 256 px; needs the LPIPS weight files:
 --config.loss.lpips_weights=vgg16-397923af.pth,vgg.pth), `smoke` (a tiny real
 run on the embedded digits, < 2 minutes on 2 CPU cores).
 """
 
-from ldm_jax import config_defaults
+from ldm_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):

@@ -1,13 +1,13 @@
 """KL-f4 autoencoder on the embedded digits data (32x32 RGB -> 8x8x3 latents), CPU friendly.
 
-The README's main job trains this config. The architecture is KL-f4's (ch_mult 1,2,4, z 3,
-DESIGN.md §2) at a width a laptop CPU trains in minutes. Perceptual weight is 0 (no LPIPS
+The README's main job trains this config. The architecture is KL-f4's (ch_mult 1,2,4, z 3)
+at a width a laptop CPU trains in minutes. Perceptual weight is 0 (no LPIPS
 weights ship with the project) and the discriminator stays off: on digits the L1 + KL objective
 alone reaches the PSNR target. Variants: none, `smoke` (a < 2 minute run), `vq` (VQ-f4 on
 digits, codebook 256).
 """
 
-from ldm_jax import config_defaults
+from ldm_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@ Variants: none (the paper's run on ImageNet from TFDS at 256 px; needs the LPIPS
 run on the embedded digits, < 2 minutes on 2 CPU cores).
 """
 
-from ldm_jax import config_defaults
+from ldm_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):

@@ -1,4 +1,4 @@
-"""LDM-4 on CelebA-HQ 256 (DESIGN.md §3): VQ-f4 first stage, 64x64x3 latents, unconditional.
+"""LDM-4 on CelebA-HQ 256: VQ-f4 first stage, 64x64x3 latents, unconditional.
 
 UNet 224 channels, mult 1,2,3,4, attention at downsampling 8,4,2 with 32 channels per head,
 T = 1000 linear 0.0015..0.0195, AdamW lr 9.6e-5 (2e-6 x batch 48), EMA 0.9999.
@@ -11,16 +11,16 @@ image folder (--config.source_data.source=folder --config.source_data.folder=DIR
 Variants: none, `smoke` (tiny UNet on synthetic latents, < 3 minutes on 2 CPU cores).
 """
 
-from ldm_jax import config_defaults
+from ldm_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
     c = config_defaults.diffusion_config(
-        first_stage_kind="vq", latent_shape=(64, 64, 3), model_channels=224,
+        first_stage_kind="vq", model_channels=224,
         channel_mult=(1, 2, 3, 4), attention_resolutions=(8, 4, 2), num_head_channels=32)
     c.data.latents_dir = "data/celebahq_vq_f4"
     if arg == "smoke":
-        c = config_defaults.smoke_diffusion(c)
+        c = config_defaults.smoke_diffusion(c, latent_channels=3)
     elif arg:
         raise ValueError(f"unknown variant {arg!r}; use none or 'smoke'.")
     return c

@@ -6,12 +6,12 @@ label 10), condition dropout 0.1 and classifier-free guidance 2.0 for the sample
 Variants: none, `smoke` (tiny UNet on synthetic latents).
 """
 
-from ldm_jax import config_defaults
+from ldm_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
     c = config_defaults.diffusion_config(
-        first_stage_kind="kl", latent_shape=(8, 8, 3), model_channels=32,
+        first_stage_kind="kl", model_channels=32,
         channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
     c.source_data = config_defaults.data_config(source="digits", image_size=32)
     c.latents.scale_num_examples = 1024
@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 100
     c.optimizer.weight_decay = 0.0
     if arg == "smoke":
-        c = config_defaults.smoke_diffusion(c)
+        c = config_defaults.smoke_diffusion(c, latent_channels=3)
     elif arg:
         raise ValueError(f"unknown variant {arg!r}; use none or 'smoke'.")
     return c

@@ -4,7 +4,7 @@
   python launch/local_cluster.py --num_processes 2 --devices_per_process 2 -- \\
       python -m ldm_jax.train --config=configs/ldm_digits.py:smoke --workdir=runs/mh
 
-Each process gets the environment `ldm_jax.distributed` reads (LDM_JAX_COORDINATOR=
+Each process gets the environment `ldm_jax.parallel.distributed` reads (LDM_JAX_COORDINATOR=
 127.0.0.1:PORT, LDM_JAX_NUM_PROCESSES, LDM_JAX_PROCESS_ID), JAX_PLATFORMS=cpu unless already set,
 and XLA_FLAGS with --xla_force_host_platform_device_count=K, so the job has N*K CPU devices and
 gloo collectives between processes: what a pod or cluster does, on one CPU. Output lines are

@@ -5,7 +5,7 @@
       --meshes 1x1,2x1,4x1,8x1,4x2 --steps 20 --warmup 5 --out sweeps/ldm_smoke \
       [--per_device_batch 4] [--timeout 600] [-- --config.model.model_channels=64 ...]
 
-Each mesh DATAxFSDP runs `python -m ldm_jax.step_timing` (the real train loop, see that module)
+Each mesh DATAxFSDP runs `python -m ldm_jax.training.step_timing` (the real train loop, see that module)
 with DATA*FSDP devices and a global batch of per_device_batch x devices (weak scaling). Devices:
 on CPU the process gets that many host devices (XLA_FLAGS=--xla_force_host_platform_device_count);
 on CUDA GPUs the first DATA*FSDP GPUs (CUDA_VISIBLE_DEVICES). Arguments after `--` go to every
@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ldm_jax.step_timing import parse_mesh  # noqa: E402  (no jax import: stays cheap)
+from ldm_jax.training.step_timing import parse_mesh  # noqa: E402  (no jax import: stays cheap)
 
 COLUMNS = ("mesh", "data", "fsdp", "devices", "platform", "global_batch", "per_device_batch",
            "steps", "warmup", "compile_s", "step_time_median_s", "step_time_p90_s",
@@ -76,7 +76,7 @@ def run_mesh(args, mesh: str, env: dict, extra: list[str]) -> dict:
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         os.remove(result_path)
-    cmd = [sys.executable, "-m", "ldm_jax.step_timing", f"--config={args.config}",
+    cmd = [sys.executable, "-m", "ldm_jax.training.step_timing", f"--config={args.config}",
            f"--mesh={mesh}", f"--steps={args.steps}", f"--warmup={args.warmup}",
            f"--per_device_batch={args.per_device_batch}", f"--result={result_path}"] + extra
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@
 # the workers' home directory), PYTHON (python on the workers, default python3).
 #
 # Every worker runs the same command at the same time (gcloud ssh --worker=all). No
-# coordinator flags are needed: ldm_jax.distributed sees the TPU chips and calls
+# coordinator flags are needed: ldm_jax.parallel.distributed sees the TPU chips and calls
 # jax.distributed.initialize() with no arguments, which reads the worker list and this
 # worker's id from the TPU VM metadata (process 0 = worker 0, port 8482). A leading `python`
 # in the command is replaced by the workers' venv python. The data set path and --workdir must

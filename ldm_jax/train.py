@@ -1,40 +1,36 @@
 """Command line: `python -m ldm_jax.train --config=configs/NAME.py[:variant] --workdir=DIR
 [--config.key=value ...]`.
 
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Trains the stage the config names (`config.stage`) with the one train loop
+(`ldm_jax.training.trainer.train_and_evaluate`). Rerunning the same command resumes from the
+latest checkpoint in DIR. This file is intentionally kept short.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ldm_jax import cli, config_lib
+from ldm_jax.cli import runner
 
 
-def parse_args(argv):
-    """Splits `--config.x=y` overrides from the regular flags; unknown flags are an error."""
-    overrides, rest = config_lib.split_config_args(argv)
-    parser = argparse.ArgumentParser(prog="python -m ldm_jax.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = runner.ArgumentParser("python -m ldm_jax.train", __doc__)
     parser.add_argument("--config", required=True,
                         help="config file with optional variant, e.g. configs/autoencoder_kl_f4.py:smoke")
     parser.add_argument("--workdir", required=True, help="run directory (checkpoints, logs, images)")
-    cli.add_distributed_flags(parser)
-    args = parser.parse_args(rest)
-    return args, overrides
+    runner.add_distributed_flags(parser)
+    return parser
+
+
+def command(args, overrides) -> None:
+    config = runner.load_config(args.config, overrides)
+    runner.initialize_distributed(args)
+    from ldm_jax.training.trainer import train_and_evaluate
+    train_and_evaluate(config, args.workdir)
 
 
 def main(argv=None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-
-    def command():
-        config = cli.load_config(args.config, overrides)
-        cli.initialize_distributed(args)
-        from ldm_jax.trainer import train_and_evaluate
-        train_and_evaluate(config, args.workdir)
-
-    return cli.run_reporting_user_errors(command)
+    return runner.main_for(build_parser, command, argv, config_overrides=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import autoencoder_loss as L
+from ldm_jax.tasks import autoencoder_loss as L
 
 
 def test_hinge_and_vanilla_d_loss_hand_values():

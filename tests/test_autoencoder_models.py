@@ -1,6 +1,6 @@
 """Tests for the first-stage models: distributions, vector quantiser, autoencoders, discriminator.
 
-Architecture-level shape checks use ``jax.eval_shape`` (no compilation) so every DESIGN config can
+Architecture-level shape checks use ``jax.eval_shape`` (no compilation) so every paper config can
 be covered cheaply; numerical checks run real forward passes on tiny models whose parameters are
 filled from numpy (compiling Flax initialisers for a whole autoencoder costs seconds on CPU).
 """
@@ -21,7 +21,7 @@ from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.quantizer import VectorQuantizer, codebook_stats
 
 # ------------------------------------------------------------------------------------------------
-# configs: DESIGN architectures at small width / resolution, attention scaled to the same levels
+# configs: the paper's architectures at small width / resolution, attention scaled to the same levels
 # ------------------------------------------------------------------------------------------------
 
 
@@ -307,7 +307,7 @@ def test_downsample_asymmetric_padding_and_upsample_shape():
 
 
 # ------------------------------------------------------------------------------------------------
-# first-stage models: shapes for every DESIGN config (abstract evaluation, no compilation)
+# first-stage models: shapes for every paper config (abstract evaluation, no compilation)
 # ------------------------------------------------------------------------------------------------
 
 

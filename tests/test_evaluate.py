@@ -12,18 +12,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ldm_jax import config_defaults, config_lib, evaluate, precompute_latents, sharding
-from ldm_jax.data import digits, pipeline
+from conftest import QUIET_RUN, ROOT, smoke_config
+from ldm_jax import evaluate
+from ldm_jax.data.precompute import precompute
+from ldm_jax.evaluation import runner as eval_runner
+from ldm_jax.config import defaults as config_defaults
+from ldm_jax.parallel import sharding
+from ldm_jax.data import pipeline
 from ldm_jax.evaluation import digits_features, statistics
-from ldm_jax.trainer import train_and_evaluate
+from ldm_jax.training.trainer import train_and_evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    return digits.ensure_digits_prepared(str(tmp_path_factory.mktemp("tfds")))
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,12 @@ def extractor(cache_dir):
 def ae_run(tmp_path_factory, digits_dir):
     """A KL autoencoder (ch_mult 1,2 at 16 px: 8x8x3 latents) trained just enough for PSNR > 10."""
     workdir = str(tmp_path_factory.mktemp("ae") / "run")
-    c = config_lib.load_config(os.path.join(ROOT, "configs", "autoencoder_kl_f4_digits.py:smoke"))
-    config_lib.apply_overrides(c, [
+    c = smoke_config(
+        "autoencoder_kl_f4_digits.py",
         "model.ch_mult=1,2", f"model.resolution={SIZE}", f"data.image_size={SIZE}",
         f"data.data_dir={digits_dir}", "batch_size=16", "total_steps=40", "log_every_steps=40",
-        "checkpoint_every_steps=40", "eval_every_steps=0", "image_every_steps=0",
-        "async_checkpointing=false", "loss.disc_start=1000", "optimizer.base_learning_rate=0.0002",
-        "optimizer.warmup_steps=0"])
+        "checkpoint_every_steps=40", *QUIET_RUN, "loss.disc_start=1000",
+        "optimizer.base_learning_rate=0.0002", "optimizer.warmup_steps=0")
     train_and_evaluate(c, workdir)
     return workdir
 
@@ -59,14 +57,13 @@ def ldm_run(tmp_path_factory, digits_dir, ae_run):
     """A class-conditional stage-2 run on the autoencoder's precomputed latents (4 steps)."""
     base = tmp_path_factory.mktemp("ldm")
     latents_dir = str(base / "latents")
-    c = config_lib.load_config(os.path.join(ROOT, "configs", "ldm_digits.py:smoke"))
-    config_lib.apply_overrides(c, [
+    c = smoke_config(
+        "ldm_digits.py",
         "data.source=latents", f"data.latents_dir={latents_dir}", "data.latent_shape=8,8,3",
         f"source_data.image_size={SIZE}", f"source_data.data_dir={digits_dir}",
         "source_data.num_threads=0", "latents.scale_num_examples=256", "batch_size=16",
-        "total_steps=4", "checkpoint_every_steps=4", "eval_every_steps=0",
-        "image_every_steps=0", "async_checkpointing=false"])
-    precompute_latents.precompute(c, ae_run, latents_dir)
+        "total_steps=4", "checkpoint_every_steps=4", *QUIET_RUN)
+    precompute(c, ae_run, latents_dir)
     workdir = str(base / "run")
     train_and_evaluate(c, workdir)
     return workdir
@@ -99,7 +96,7 @@ def test_autoencoder_report(ae_report):
 def direct_reconstructions(workdir, num):
     """(originals, reconstructions) of the first `num` held-out images on one device, through
     the training task's own reconstruct (posterior mode)."""
-    from ldm_jax.first_stage import load_first_stage
+    from ldm_jax.storage.first_stage import load_first_stage
     from ldm_jax.tasks.autoencoder import AutoencoderTask
     fs = load_first_stage(workdir)
     task = AutoencoderTask(fs.config)
@@ -189,7 +186,7 @@ def test_sharded_reference_features_equal_a_direct_call(extractor, digits_dir):
     data_cfg = config_defaults.data_config(source="digits", data_dir=digits_dir, image_size=SIZE,
                                            num_threads=0)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-    moments, kept = evaluate.reference_statistics(extractor, data_cfg, mesh=mesh, batch_size=64,
+    moments, kept = eval_runner.reference_statistics(extractor, data_cfg, mesh=mesh, batch_size=64,
                                                   keep=50, cache_prefix=None)
     it = pipeline.make_eval_iterator(data_cfg, global_batch_size=512, process_index=0,
                                      process_count=1)

@@ -11,21 +11,21 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax import bundle, checkpointing, config_lib, export
-from ldm_jax.trainer import train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import QUIET_RUN, ROOT, TINY_FIRST_STAGE, smoke_config
+from ldm_jax import export
+from ldm_jax.storage import bundle
+from ldm_jax.storage import run_dir
+from ldm_jax.config import loading as config_lib
+from ldm_jax.training.trainer import train_and_evaluate
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     assert jax.device_count() == 8
     workdir = str(tmp_path_factory.mktemp("export") / "run")
-    c = config_lib.load_config(os.path.join(ROOT, "configs", "ldm_digits.py") + ":smoke")
-    config_lib.apply_overrides(c, ["total_steps=4", "checkpoint_every_steps=2", "eval_every_steps=0",
-                                   "image_every_steps=0", "async_checkpointing=false",
-                                   "sampling.num_steps=4", "mesh.data=2", "mesh.fsdp=4",
-                                   "sharding.fsdp_min_size=256"])
+    c = smoke_config("ldm_digits.py", "total_steps=4", "checkpoint_every_steps=2", *QUIET_RUN,
+                     "sampling.num_steps=4", "mesh.data=2", "mesh.fsdp=4",
+                     "sharding.fsdp_min_size=256")
     train_and_evaluate(c, workdir)
     return workdir
 
@@ -47,7 +47,7 @@ def test_export_then_sample_on_1_and_8_devices_gives_identical_samples(tmp_path,
 
     # The bundle holds the run's EMA weights bit for bit, its configs and scale factor.
     loaded = bundle.load_bundle(out)
-    state, step = checkpointing.restore_raw_state(trained_run)
+    state, step = run_dir.restore_raw_state(trained_run)
     assert step == 4 and loaded.source["step"] == 4 and loaded.source["weights"] == "ema"
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state["ema_params"]),
                             jax.tree_util.tree_leaves(loaded.unet_params)):
@@ -74,7 +74,7 @@ def test_export_raw_weights_and_a_chosen_step(tmp_path, trained_run):
     out = str(tmp_path / "raw")
     assert export.main([f"--workdir={trained_run}", f"--output={out}", "--step=2", "--no_ema"]) == 0
     loaded = bundle.load_bundle(out)
-    state, _ = checkpointing.restore_raw_state(trained_run, 2)
+    state, _ = run_dir.restore_raw_state(trained_run, 2)
     assert loaded.source["step"] == 2 and loaded.source["weights"] == "raw"
     for a, b in zip(jax.tree_util.tree_leaves(state["params"]["model"]),
                     jax.tree_util.tree_leaves(loaded.unet_params)):
@@ -94,34 +94,30 @@ def test_bad_inputs_are_clear_errors(tmp_path, trained_run, capsys):
     assert export.main([f"--workdir={stage1}", f"--output={tmp_path / 'b'}"]) == 2
     assert "export needs a diffusion (stage 2) run" in capsys.readouterr().err
     assert export.main([f"--workdir={trained_run}", f"--output={tmp_path / 'b'}", "--step=3"]) == 2
-    assert "checkpoints/3" in capsys.readouterr().err
+    assert "--step=3" in capsys.readouterr().err  # and it names the steps there are
     assert not os.path.exists(tmp_path / "b")
 
 
 @pytest.mark.slow
-def test_export_of_a_run_on_real_latents_carries_the_first_stage(tmp_path):
+def test_export_of_a_run_on_real_latents_carries_the_first_stage(tmp_path, digits_dir):
     """Autoencoder run -> precomputed KL latents -> stage-2 run -> bundle: the bundle holds the
     first stage bit for bit and the scale factor, and samples decode through it identically on
     1 and 8 devices."""
-    from ldm_jax import precompute_latents
-    from ldm_jax.data import digits
-    from ldm_jax.first_stage import load_first_stage
-    data_dir = digits.ensure_digits_prepared(str(tmp_path / "tfds"))
+    from ldm_jax.data.precompute import precompute
+    from ldm_jax.storage.first_stage import load_first_stage
+    data_dir = digits_dir
     fs_dir, latents_dir, run = (str(tmp_path / n) for n in ("fs", "latents", "ldm"))
-    ae = config_lib.load_config(os.path.join(ROOT, "configs", "autoencoder_kl_f4_digits.py") + ":smoke")
-    config_lib.apply_overrides(ae, [
-        "model.ch_mult=1,2", "model.resolution=16", "data.image_size=16", f"data.data_dir={data_dir}",
-        "batch_size=8", "total_steps=2", "checkpoint_every_steps=2", "eval_every_steps=0",
-        "image_every_steps=0", "async_checkpointing=false", "loss.disc_start=100"])
+    ae = smoke_config("autoencoder_kl_f4_digits.py", *TINY_FIRST_STAGE, f"data.data_dir={data_dir}",
+                      "batch_size=8", "total_steps=2", "checkpoint_every_steps=2", *QUIET_RUN,
+                      "loss.disc_start=100")
     train_and_evaluate(ae, fs_dir)
-    c = config_lib.load_config(os.path.join(ROOT, "configs", "ldm_digits.py"))
-    config_lib.apply_overrides(c, [
+    c = smoke_config(
+        "ldm_digits.py",
         "source_data.image_size=16", f"source_data.data_dir={data_dir}", "source_data.num_threads=0",
         f"data.latents_dir={latents_dir}", "data.eval_split=train", "data.latent_shape=8,8,3",
-        "batch_size=8",
-        "total_steps=2", "checkpoint_every_steps=2", "eval_every_steps=0", "image_every_steps=0",
-        "async_checkpointing=false", "sampling.num_steps=4", "model.num_res_blocks=1"])
-    meta = precompute_latents.precompute(c, fs_dir, latents_dir, splits=["train"])
+        "batch_size=8", "total_steps=2", "checkpoint_every_steps=2", *QUIET_RUN,
+        "sampling.num_steps=4", "model.num_res_blocks=1", variant=None)
+    meta = precompute(c, fs_dir, latents_dir, splits=["train"])
     train_and_evaluate(c, run)
 
     out = str(tmp_path / "bundle")

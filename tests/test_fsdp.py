@@ -4,18 +4,18 @@ optimiser state and EMA fall to about 1/4. Both stages: stage 2 (ldm_digits smok
 latents) and stage 1 (KL-f4 digits smoke, both the reconstruction and the GAN step)."""
 
 import functools
-import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from ldm_jax import checkpointing, config_lib, sharding
+from conftest import QUIET_RUN, read_metrics, smoke_config
+from ldm_jax.storage import run_dir
+from ldm_jax.training import checkpointing
+from ldm_jax.config import loading as config_lib
+from ldm_jax.parallel import sharding
 from ldm_jax.tasks import make_task
-from ldm_jax.trainer import train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ldm_jax.training.trainer import train_and_evaluate
 # Small enough that the tiny test models have most of their weights sharded (the default 2**14
 # keeps arrays of these widths replicated: not worth a collective at that size).
 MIN_SIZE = 256
@@ -23,21 +23,17 @@ MIN_SIZE = 256
 
 def config_for(stage: str, mesh: str, steps: int):
     name = "ldm_digits.py" if stage == "diffusion" else "autoencoder_kl_f4_digits.py"
-    c = config_lib.load_config(os.path.join(ROOT, "configs", name) + ":smoke")
     data, fsdp = mesh.split("x")
     overrides = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"total_steps={steps}",
-                 f"checkpoint_every_steps={steps}", "log_every_steps=1", "eval_every_steps=0",
-                 "image_every_steps=0", "async_checkpointing=false",
+                 f"checkpoint_every_steps={steps}", "log_every_steps=1", *QUIET_RUN,
                  f"sharding.fsdp_min_size={MIN_SIZE}", "optimizer.eps=1e-4"]
     if stage == "autoencoder":
         overrides += ["loss.disc_start=2"]  # steps 0-1 'rec', then the GAN phase.
-    return config_lib.apply_overrides(c, overrides)
+    return smoke_config(name, *overrides)
 
 
 def read_losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r for r in rows if "loss" in r}
+    return {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
 
 
 def state_on_mesh(config, workdir, step):
@@ -46,14 +42,14 @@ def state_on_mesh(config, workdir, step):
     task = make_task(config)
     size = config.data.image_size if config.stage == "autoencoder" else None
     shape = None if size is None else (config.batch_size, size, size, 3)
-    abstract = jax.eval_shape(functools.partial(task.init_state, image_shape=shape),
+    abstract = jax.eval_shape(functools.partial(task.init_state, input_shape=shape),
                               jax.random.key(0))
     shardings = sharding.tree_shardings(abstract, mesh, config.sharding)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
     try:
-        state, _ = ckpt.restore(step, abstract, config_lib.to_json_dict(config))
+        state, _ = ckpt.restore(step, abstract, config_lib.to_json_dict(task.config))
     finally:
         ckpt.close()
     return state
@@ -90,8 +86,8 @@ def test_fsdp_matches_data_parallel_and_shards_the_state(tmp_path, stage, steps)
     # the same in both), which turns noise of ~1e-9 into negligible steps. Tolerance per array:
     # 1e-4 of its largest entry, floored at 1% of the furthest Adam can move a weight in these
     # steps (params, EMA) or at 1e-3 of the moment's largest entry in the whole tree (mu, nu).
-    dp_state, _ = checkpointing.restore_raw_state(dp_dir, steps)
-    fsdp_state, _ = checkpointing.restore_raw_state(fsdp_dir, steps)
+    dp_state, _ = run_dir.restore_raw_state(dp_dir, steps)
+    fsdp_state, _ = run_dir.restore_raw_state(fsdp_dir, steps)
     lr_sum = sum(r["lr"] for r in dp_rows.values())
     worst, mismatched = 0.0, []
     for key in ("params", "ema_params", "opt_state"):
@@ -136,9 +132,8 @@ def test_default_rules_shard_every_large_array_of_a_real_size_unet():
     """With the default rules and fsdp_min_size, each UNet array >= 2**14 elements of the full
     ldm_digits UNet (widths 32/64) is sharded over fsdp=4 (none is left replicated because no
     dimension divides)."""
-    c = config_lib.load_config(os.path.join(ROOT, "configs", "ldm_digits.py"))
-    config_lib.apply_overrides(c, ["data.source=synthetic_latents", "data.num_classes=10",
-                                   "mesh.data=2", "mesh.fsdp=4"])
+    c = smoke_config("ldm_digits.py", "data.source=synthetic_latents", "data.num_classes=10",
+                     "data.latent_shape=8,8,3", "mesh.data=2", "mesh.fsdp=4", variant=None)
     task = make_task(c)
     abstract = jax.eval_shape(task.init_state, jax.random.key(0))
     mesh = sharding.make_mesh(c.mesh)

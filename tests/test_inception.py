@@ -13,17 +13,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import require
 from ldm_jax.evaluation import inception as I
 from ldm_jax.evaluation.statistics import frechet_distance
 
-torch = pytest.importorskip("torch")
-pfid = pytest.importorskip("pytorch_fid.inception")
-fid_score = pytest.importorskip("pytorch_fid.fid_score")
+torch = require("torch")
+pfid = require("pytorch_fid.inception")
+fid_score = require("pytorch_fid.fid_score")
 
 
 def _fid_inception_skeleton():
     """pytorch-fid's ``fid_inception_v3()`` graph without its weight download."""
-    import torchvision
+    torchvision = require("torchvision")
     inc = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
                                           init_weights=False)
     inc.Mixed_5b = pfid.FIDInceptionA(192, pool_features=32)

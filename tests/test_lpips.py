@@ -9,7 +9,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from ldm_jax import weights_io as W
+from conftest import missing_reference, require
+from ldm_jax.storage import weights_io as W
 from ldm_jax.models import lpips as L
 
 # torchvision vgg16 "features" config: channels per conv, "M" = 2x2 max-pool.
@@ -75,7 +76,7 @@ def _torch_lpips(vgg, lin, x, y):
 
 @pytest.fixture(scope="module")
 def public_files(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     vgg, lin = _random_public_state_dicts()
     d = tmp_path_factory.mktemp("lpips")
     # Both public files predate torch 1.6, so write them in the legacy (non-zip) format too.
@@ -245,7 +246,7 @@ def test_real_lpips_package_lin_weights(public_files, images):
     """
     spec = importlib.util.find_spec("lpips")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("lpips package not installed")
+        missing_reference("lpips", "its shipped weights/v0.1/vgg.pth is the reference")
     path = os.path.join(spec.submodule_search_locations[0], "weights", "v0.1", "vgg.pth")
     lin = W.load_weights(path)  # restricted unpickler, no torch
     assert sorted(lin) == [f"lin{k}.model.1.weight" for k in range(5)]
@@ -256,9 +257,9 @@ def test_real_lpips_package_lin_weights(public_files, images):
     np.testing.assert_array_equal(params["lin2"]["kernel"][:, 0],
                                   lin["lin2.model.1.weight"].reshape(-1))
 
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("torchvision")
-    import lpips
+    torch = require("torch")
+    require("torchvision")
+    lpips = require("lpips")
 
     with torch.random.fork_rng():  # torchvision's VGG init draws from the global torch RNG
         torch.manual_seed(0)

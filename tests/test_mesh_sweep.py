@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, config_path
+
 SWEEP = os.path.join(ROOT, "launch", "mesh_sweep.py")
-CONFIG = os.path.join(ROOT, "configs", "ldm_digits.py") + ":smoke"
+CONFIG = config_path("ldm_digits.py", "smoke")
 
 
 def load_sweep_module():

@@ -19,7 +19,8 @@ import textwrap
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 STEPS = 8
 TRAIN_FLAGS = ["--config=configs/ldm_digits.py:smoke", f"--config.total_steps={STEPS}",
                "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
@@ -211,12 +212,10 @@ def _tree_hashes(root):
 
 
 @pytest.mark.slow
-def test_two_process_precompute_latents_is_byte_identical(tmp_path):
+def test_two_process_precompute_latents_is_byte_identical(tmp_path, digits_dir):
     """precompute_latents as 2 processes x 2 devices writes the same files as 1 x 4."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import test_precompute_latents as tp  # its tiny first stage and stage-2 config file
-    from ldm_jax.data import digits
-    data_dir = digits.ensure_digits_prepared(str(tmp_path / "tfds"))
+    data_dir = digits_dir
     fs = tp._train_first_stage("kl", str(tmp_path / "fs_kl"), data_dir)
     config = tmp_path / "stage2.py"
     config.write_text(tp.CONFIG_FILE.format(data_dir=data_dir))

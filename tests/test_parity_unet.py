@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+from conftest import require
+
+torch = require("torch")
+diffusers = require("diffusers")
 
 from ldm_jax import convert  # noqa: E402
 from ldm_jax.convert import ConversionError  # noqa: E402

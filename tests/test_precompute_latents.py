@@ -10,10 +10,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ldm_jax import config_defaults, config_lib, precompute_latents
+from ldm_jax import precompute_latents
+from ldm_jax.data import precompute as precompute_lib
+from ldm_jax.config import defaults as config_defaults
+from ldm_jax.config import loading as config_lib
 from ldm_jax.data import digits, latents, pipeline
-from ldm_jax.first_stage import load_first_stage
-from ldm_jax.trainer import train_and_evaluate
+from ldm_jax.storage.first_stage import load_first_stage
+from ldm_jax.training.trainer import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
@@ -65,7 +68,7 @@ def stage2_config(digits_dir, scale_factor=-1.0, scale_num_examples=10_000, **so
 def kl_latents(tmp_path_factory, digits_dir, kl_dir):
     """Both digits splits, scale_by_std over the whole train split (1498 < 10_000)."""
     out = str(tmp_path_factory.mktemp("kl_latents"))
-    meta = precompute_latents.precompute(stage2_config(digits_dir), kl_dir, out,
+    meta = precompute_lib.precompute(stage2_config(digits_dir), kl_dir, out,
                                          examples_per_shard=512)
     return out, meta
 
@@ -130,7 +133,7 @@ def test_kl_round_trip_and_scale_by_std(kl_latents, kl_dir, digits_dir):
                                            "split": "train", "seed": 3, "ddof": 1}
     np.testing.assert_allclose(meta["scale_factor"], 1.0 / np.std(z, ddof=1), rtol=2e-5)
     # A rerun of a finished precompute returns its metadata without redoing anything.
-    again = precompute_latents.precompute(
+    again = precompute_lib.precompute(
         stage2_config(digits_dir), kl_dir, out, examples_per_shard=512,
         on_shard_written=lambda *a: pytest.fail("a finished run re-encoded a shard"))
     assert again == meta
@@ -139,7 +142,7 @@ def test_kl_round_trip_and_scale_by_std(kl_latents, kl_dir, digits_dir):
 def test_vq_round_trip_and_fixed_scale(tmp_path, vq_dir, digits_dir):
     cfg = stage2_config(digits_dir, scale_factor=0.75)
     out = str(tmp_path / "vq")
-    meta = precompute_latents.precompute(cfg, vq_dir, out, examples_per_shard=1024)
+    meta = precompute_lib.precompute(cfg, vq_dir, out, examples_per_shard=1024)
     assert meta["kind"] == "vq" and meta["latent_key"] == "latent"
     assert meta["stored_shape"] == meta["latent_shape"] == [8, 8, 3]
     assert meta["scale_factor"] == 0.75 and meta["scale_factor_source"] == {"method": "fixed"}
@@ -156,7 +159,7 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, kl_dir, digits_
     cfg = stage2_config(digits_dir, scale_factor=1.0)
     kw = dict(splits=["test"], examples_per_shard=64)  # 299 examples -> 5 shards
     full = str(tmp_path / "full")
-    precompute_latents.precompute(cfg, kl_dir, full, **kw)
+    precompute_lib.precompute(cfg, kl_dir, full, **kw)
 
     class Crash(RuntimeError):
         pass
@@ -170,7 +173,7 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, kl_dir, digits_
 
     split_dir = str(tmp_path / "split")
     with pytest.raises(Crash):
-        precompute_latents.precompute(cfg, kl_dir, split_dir, on_shard_written=crash_after_two, **kw)
+        precompute_lib.precompute(cfg, kl_dir, split_dir, on_shard_written=crash_after_two, **kw)
     assert written == [("test", 0), ("test", 1)]
     assert len(_snapshot(split_dir)) == 2
     with pytest.raises(latents.LatentsNotReadyError, match="did not finish; rerun"):
@@ -179,7 +182,7 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, kl_dir, digits_
     open(os.path.join(split_dir, "progress", "tmp", "garbage.p0"), "wb").write(b"x")
 
     written.clear()
-    precompute_latents.precompute(cfg, kl_dir, split_dir, on_shard_written=written.append
+    precompute_lib.precompute(cfg, kl_dir, split_dir, on_shard_written=written.append
                                   and (lambda s, i: written.append((s, i))), **kw)
     assert written == [("test", 2), ("test", 3), ("test", 4)]  # only the missing shards
     assert os.listdir(os.path.join(split_dir, "progress", "tmp")) == []
@@ -198,12 +201,12 @@ def test_mismatched_first_stage_is_a_clear_error(tmp_path, kl_latents, kl_dir, v
                        match="different first stage.*params_hash"):
         latents.check_first_stage_matches(meta, load_first_stage(vq_dir).identity)
     # Writing into an OUT_DIR made with another first stage (or config) is refused.
-    with pytest.raises(precompute_latents.PrecomputeError,
+    with pytest.raises(precompute_lib.PrecomputeError,
                        match="different first stage or config.*params_hash"):
-        precompute_latents.precompute(stage2_config(digits_dir), vq_dir, out,
+        precompute_lib.precompute(stage2_config(digits_dir), vq_dir, out,
                                       examples_per_shard=512)
-    with pytest.raises(precompute_latents.PrecomputeError, match="examples_per_shard"):
-        precompute_latents.precompute(stage2_config(digits_dir), kl_dir, out,
+    with pytest.raises(precompute_lib.PrecomputeError, match="examples_per_shard"):
+        precompute_lib.precompute(stage2_config(digits_dir), kl_dir, out,
                                       examples_per_shard=100)
     assert latents.read_latents_metadata(out) == meta  # untouched
 
@@ -213,11 +216,11 @@ def test_missing_latents_and_bad_config_are_clear_errors(tmp_path, kl_dir, digit
                        match=r"No precomputed latents.*run python -m ldm_jax.precompute_latents"):
         latents.read_latents_metadata(str(tmp_path / "nothing"))
     with pytest.raises(latents.LatentsNotReadyError, match="data.latents_dir is not set"):
-        pipeline.make_eval_iterator(ml_collections.ConfigDict({"source": "latents"}),
+        pipeline.make_eval_iterator(config_defaults.data_config(source="latents"),
                                     global_batch_size=8)
-    with pytest.raises(precompute_latents.PrecomputeError,
+    with pytest.raises(precompute_lib.PrecomputeError,
                        match=r"source_data.image_size=15 must be a positive multiple.*f=2"):
-        precompute_latents.precompute(stage2_config(digits_dir, image_size=15), kl_dir,
+        precompute_lib.precompute(stage2_config(digits_dir, image_size=15), kl_dir,
                                       str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
 
@@ -238,9 +241,9 @@ def test_conditioning_fields_text_and_arrays(tmp_path, kl_dir, digits_dir, monke
         def __getitem__(self, i):
             return dict(examples[i])
 
-    monkeypatch.setattr(precompute_latents.sources, "make_source", lambda cfg, split: ListSource())
+    monkeypatch.setattr(precompute_lib.registry, "make_source", lambda cfg, split: ListSource())
     out = str(tmp_path / "caps")
-    meta = precompute_latents.precompute(stage2_config(digits_dir, scale_factor=1.0), kl_dir,
+    meta = precompute_lib.precompute(stage2_config(digits_dir, scale_factor=1.0), kl_dir,
                                          out, splits=["train"], batch_size=8, examples_per_shard=8)
     assert meta["conditioning_keys"] == ["boxes", "caption", "label"]
     assert meta["skipped_keys"] == ["mask"] and meta["num_shards"] == {"train": 3}
@@ -253,10 +256,9 @@ def test_conditioning_fields_text_and_arrays(tmp_path, kl_dir, digits_dir, monke
 
 def test_pipeline_latents_source(kl_latents):
     out, meta = kl_latents
-    cfg = ml_collections.ConfigDict({"source": "latents", "latents_dir": out,
-                                     "train_split": "train", "eval_split": "test",
-                                     "label_key": "label", "random_flip": False,
-                                     "num_threads": 0})
+    cfg = config_defaults.data_config(source="latents", latents_dir=out, train_split="train",
+                                      eval_split="test", label_key="label", random_flip=False,
+                                      num_threads=0)
     kw = dict(global_batch_size=32, process_index=0, process_count=1)
     ref = [next(it) for it in [pipeline.make_train_iterator(cfg, seed=1, **kw)] for _ in range(6)]
     batch = ref[0]
@@ -300,7 +302,7 @@ def test_pipeline_latents_source(kl_latents):
 
 CONFIG_FILE = """
 import ml_collections
-from ldm_jax import config_defaults
+from ldm_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):

@@ -8,7 +8,6 @@ SIGTERM to any host, to every host at one agreed step; orbax's `reached_preempti
 starts a real one-process distributed job on localhost.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -20,27 +19,18 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax import checkpointing, config_lib
-from ldm_jax.trainer import train_and_evaluate
+from conftest import QUIET_RUN, ROOT, config_path, read_metrics, smoke_config
+from ldm_jax.storage import run_dir
+from ldm_jax.training.trainer import train_and_evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "ldm_digits.py") + ":smoke"
+CONFIG = config_path("ldm_digits.py", "smoke")
 TOTAL = 60
 OVERRIDES = [f"total_steps={TOTAL}", "log_every_steps=1", "checkpoint_every_steps=100000",
-             "eval_every_steps=0", "image_every_steps=0", "async_checkpointing=false",
-             "sampling.num_steps=4"]
+             *QUIET_RUN, "sampling.num_steps=4"]
 
 
 def make_config():
-    return config_lib.apply_overrides(config_lib.load_config(CONFIG), list(OVERRIDES))
-
-
-def read_metrics(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+    return smoke_config("ldm_digits.py", *OVERRIDES)
 
 
 def finish(workdir, how):
@@ -49,7 +39,7 @@ def finish(workdir, how):
         return train_and_evaluate(make_config(), workdir)["step"]
     out, _ = start_run(workdir, how).communicate(timeout=600)
     assert "Compiled train step" in out or "Resuming" in out, out
-    return max(r["step"] for r in read_metrics(workdir) if "loss" in r)
+    return max(r["step"] for r in read_metrics(workdir, partial=True) if "loss" in r)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +63,8 @@ DISTRIBUTED_DRIVER = textwrap.dedent("""
     sock = socket.socket(); sock.bind(("localhost", 0)); port = sock.getsockname()[1]; sock.close()
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=1,
                                process_id=0)
-    from ldm_jax import config_lib, trainer
+    from ldm_jax.config import loading as config_lib
+    from ldm_jax.training import trainer
     assert trainer._preemption_service_active()
     config = config_lib.apply_overrides(config_lib.load_config(sys.argv[1]), sys.argv[3:])
     trainer.train_and_evaluate(config, sys.argv[2])
@@ -101,7 +92,8 @@ def test_stop_mid_run_saves_exits_0_and_resume_equals_uninterrupted(tmp_path, un
     workdir = str(tmp_path / how)
     proc = start_run(workdir, how)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(read_metrics(workdir)) < 3:
+    while (time.time() < deadline and proc.poll() is None
+           and len(read_metrics(workdir, partial=True)) < 3):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[0]
     proc.send_signal(signal.SIGTERM)
@@ -111,7 +103,7 @@ def test_stop_mid_run_saves_exits_0_and_resume_equals_uninterrupted(tmp_path, un
     saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
     assert len(saved) == 1 and 3 <= saved[0] < TOTAL, (saved, out)
     assert f"{message} {saved[0]};" in out
-    logged = [r["step"] for r in read_metrics(workdir) if "loss" in r]
+    logged = [r["step"] for r in read_metrics(workdir, partial=True) if "loss" in r]
     assert logged == list(range(1, saved[0] + 1))  # it stopped right after the saved step.
     print(f"[{how}] stopped and saved at step {saved[0]} of {TOTAL}")
 
@@ -122,12 +114,12 @@ def test_stop_mid_run_saves_exits_0_and_resume_equals_uninterrupted(tmp_path, un
     assert finish(workdir, how) == TOTAL
     uninterrupted = uninterrupted(how)
 
-    full = {r["step"]: r["loss"] for r in read_metrics(uninterrupted) if "loss" in r}
-    split = {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+    full = {r["step"]: r["loss"] for r in read_metrics(uninterrupted, partial=True) if "loss" in r}
+    split = {r["step"]: r["loss"] for r in read_metrics(workdir, partial=True) if "loss" in r}
     assert sorted(split) == sorted(full) == list(range(1, TOTAL + 1))
     loss_diff = max(abs(split[s] - full[s]) / abs(full[s]) for s in full)
-    a, _ = checkpointing.restore_raw_state(uninterrupted, TOTAL)
-    b, _ = checkpointing.restore_raw_state(workdir, TOTAL)
+    a, _ = run_dir.restore_raw_state(uninterrupted, TOTAL)
+    b, _ = run_dir.restore_raw_state(workdir, TOTAL)
     worst = 0.0
     for key in ("params", "ema_params", "opt_state", "rng"):
         for x, y in zip(jax.tree_util.tree_leaves(a[key]), jax.tree_util.tree_leaves(b[key])):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ldm_jax import sharding
+from ldm_jax.parallel import sharding
 
 
 def _mesh(data, fsdp):

@@ -10,6 +10,7 @@ import scipy.stats
 
 import jax.numpy as jnp
 
+from conftest import require
 from ldm_jax.evaluation import statistics as S
 
 
@@ -123,7 +124,7 @@ def test_fid_closed_forms_and_pytorch_fid():
     assert abs(got - (3.5 - 2 * np.sqrt(2.5)) * np.trace(sigma)) <= 1e-10 * np.trace(sigma)
     with pytest.raises(ValueError, match="same feature network"):
         S.frechet_distance(mu1, sigma, mu1[:3], sigma[:3, :3])
-    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    fid_score = require("pytorch_fid.fid_score")
     x, y = _features(200, 16, seed=2, offset=0), _features(300, 16, seed=3, offset=0.3)
     args = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
     ours, ref = S.frechet_distance(*args), float(fid_score.calculate_frechet_distance(*args))

@@ -9,29 +9,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ldm_jax import config_lib, sharding
-from ldm_jax.checkpointing import CheckpointError
-from ldm_jax.trainer import train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, TINY_FIRST_STAGE, config_path, read_metrics, smoke_config
+from ldm_jax.parallel import sharding
+from ldm_jax.training.checkpointing import CheckpointError
+from ldm_jax.training.trainer import train_and_evaluate
 
 
 def tiny_config(kind="kl", **overrides):
     """A smoke config shrunk further so each test compiles in seconds."""
     name = "autoencoder_kl_f4.py" if kind == "kl" else "autoencoder_vq_f4.py"
-    c = config_lib.load_config(os.path.join(ROOT, "configs", name) + ":smoke")
-    config_lib.apply_overrides(c, [
-        "model.ch_mult=1,2", "model.resolution=16", "data.image_size=16", "batch_size=8",
+    return smoke_config(
+        name, *TINY_FIRST_STAGE, "batch_size=8",
         "total_steps=12", "log_every_steps=2", "checkpoint_every_steps=6", "eval_every_steps=12",
         "image_every_steps=12", "eval_num_examples=16", "async_checkpointing=false",
         "optimizer.base_learning_rate=0.0002", "loss.disc_start=8", "loss.disc_ndf=8",
-        "loss.disc_num_layers=2"])
-    return config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        "loss.disc_num_layers=2", **overrides)
 
 
 def restore_params(workdir, step):
@@ -114,7 +106,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
                            str(tmp_path / "b"))
     with pytest.raises(ValueError, match=r"loss.lpips_weights.*vgg16-397923af.pth"):
         train_and_evaluate(tiny_config(**{"loss.perceptual_weight": 1.0}), str(tmp_path / "c"))
-    with pytest.raises(ValueError, match=r"image_size=32 differs from config.model.resolution=16"):
+    with pytest.raises(ValueError, match=r"model.resolution=16 differs from config.data.image_size=32"):
         train_and_evaluate(tiny_config(**{"data.image_size": 32}), str(tmp_path / "d"))
 
 
@@ -136,7 +128,7 @@ def test_training_with_lpips_weights_the_test_makes(tmp_path):
 
 
 def test_nan_stops_with_a_clear_error_naming_the_last_good_checkpoint(tmp_path):
-    from ldm_jax.trainer import NonFiniteError
+    from ldm_jax.training.trainer import NonFiniteError
     workdir = str(tmp_path / "w")
     train_and_evaluate(tiny_config(total_steps=2, checkpoint_every_steps=2), workdir)
     # An absurd learning rate from step 2 on blows the parameters up to Inf/NaN.
@@ -158,7 +150,7 @@ def _run_cli(workdir, devices, extra, **popen):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "ldm_jax.train",
-           f"--config={os.path.join(ROOT, 'configs', 'autoencoder_kl_f4.py')}:smoke",
+           f"--config={config_path('autoencoder_kl_f4.py', 'smoke')}",
            f"--workdir={workdir}"] + TINY_ARGS + extra
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **popen)

@@ -1,28 +1,19 @@
 """Stage-2 end to end on 8 fake CPU devices: the smoke run's loss falls, resume is exact,
 sampling writes samples.npz with every sampler."""
 
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from ldm_jax import checkpointing, config_lib
-from ldm_jax.trainer import train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import read_metrics, smoke_config
+from ldm_jax.storage import run_dir
+from ldm_jax.training.trainer import train_and_evaluate
 
 
 def smoke(name="f4_celebahq.py", **overrides):
-    c = config_lib.load_config(os.path.join(ROOT, "configs", name) + ":smoke")
-    config_lib.apply_overrides(c, ["async_checkpointing=false", "sampling.num_steps=4"])
-    return config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return smoke_config(name, "async_checkpointing=false", "sampling.num_steps=4", **overrides)
 
 
 def test_stage2_smoke_on_8_devices_loss_falls(tmp_path):
@@ -45,8 +36,8 @@ def test_stage2_resume_equals_uninterrupted(tmp_path):
                              image_every_steps=0), split)
     train_and_evaluate(smoke(total_steps=8, checkpoint_every_steps=4, eval_every_steps=0,
                              image_every_steps=0), split)
-    a, _ = checkpointing.restore_raw_state(full, 8)
-    b, _ = checkpointing.restore_raw_state(split, 8)
+    a, _ = run_dir.restore_raw_state(full, 8)
+    b, _ = run_dir.restore_raw_state(split, 8)
     for key in ("params", "ema_params"):
         for x, y in zip(jax.tree_util.tree_leaves(a[key]), jax.tree_util.tree_leaves(b[key])):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
@@ -75,20 +66,21 @@ def trained_class_conditional_run(tmp_path_factory):
 
 def test_same_seed_same_samples_on_1_and_8_devices(tmp_path, trained_class_conditional_run):
     """Sample j's noise depends on (seed, j) only: not on the device count or batch size."""
-    from ldm_jax import sample, sharding
-    config, task = sample.load_run(trained_class_conditional_run)
-    state, _ = checkpointing.restore_raw_state(trained_class_conditional_run)
+    from ldm_jax.inference import sampling
+    from ldm_jax.parallel import sharding
+    config, task = sampling.load_run(trained_class_conditional_run)
+    state, _ = run_dir.restore_raw_state(trained_class_conditional_run)
     from ldm_jax.tasks.diffusion import make_sampler
     sampler = make_sampler(config, task.schedule, name="ddim", num_steps=4)
     labels = np.arange(8, dtype=np.int32) % 10
     kwargs = dict(num=8, batch_size=8, seed=3, sampler=sampler, guidance_scale=2.0, labels=labels)
-    many = sample.generate(task, state["ema_params"], {}, mesh=sharding.make_mesh({"data": -1, "fsdp": 1}), **kwargs)
-    one = sample.generate(task, state["ema_params"], {}, mesh=sharding.make_mesh(
+    many = sampling.generate(task, state["ema_params"], {}, mesh=sharding.make_mesh({"data": -1, "fsdp": 1}), **kwargs)
+    one = sampling.generate(task, state["ema_params"], {}, mesh=sharding.make_mesh(
         {"data": 1, "fsdp": 1}, devices=jax.devices()[:1]), **kwargs)
     # Same noise; float reductions may differ in the last bit across partitionings.
     assert np.abs(many.astype(int) - one.astype(int)).max() <= 1
     kwargs.update(num=6, batch_size=3)  # other batches, and one device holding all of each
-    smaller = sample.generate(task, state["ema_params"], {}, mesh=sharding.make_mesh(
+    smaller = sampling.generate(task, state["ema_params"], {}, mesh=sharding.make_mesh(
         {"data": 1, "fsdp": 1}, devices=jax.devices()[:1]), **kwargs)
     assert np.abs(smaller.astype(int) - one[:6].astype(int)).max() <= 1
     assert np.abs(one[1:].astype(int) - one[:-1].astype(int)).max() > 10  # samples differ

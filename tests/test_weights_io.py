@@ -1,4 +1,4 @@
-"""Tests for ldm_jax.weights_io: torch zip checkpoints, the restricted unpickler, safetensors."""
+"""Tests for ldm_jax.storage.weights_io: torch zip checkpoints, the restricted unpickler, safetensors."""
 
 import json
 import os
@@ -11,7 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ldm_jax import weights_io as W
+from conftest import require
+from ldm_jax.storage import weights_io as W
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -237,7 +238,7 @@ def test_safetensors_reader_on_handwritten_file(tmp_path):
 
 
 def test_safetensors_interop_with_reference_package(tmp_path):
-    st = pytest.importorskip("safetensors.numpy")
+    st = require("safetensors.numpy")
     tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.int64)}
     st.save_file(tensors, str(tmp_path / "ref.safetensors"))
     out = W.load_safetensors(tmp_path / "ref.safetensors")
@@ -265,7 +266,7 @@ def test_load_weights_dispatch(tmp_path):
 
 
 def test_torch_round_trip_dtypes_and_views(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(6, 8, generator=g)
     sd = OrderedDict(
@@ -305,7 +306,7 @@ def test_torch_round_trip_dtypes_and_views(tmp_path):
 
 
 def test_torch_lightning_style_nested_checkpoint(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(1, 3, 5, 5)).sum().backward()
@@ -335,7 +336,7 @@ def test_torch_lightning_style_nested_checkpoint(tmp_path):
 
 
 def test_torch_saved_evil_object_is_refused(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     marker = tmp_path / "pwned"
     torch.save({"w": torch.ones(2), "evil": _Evil(f"touch {marker}")}, tmp_path / "evil.pt")
     with pytest.raises(W.UnsafeCheckpointError):
@@ -349,7 +350,7 @@ def test_torch_saved_evil_object_is_refused(tmp_path):
 
 def test_torch_legacy_format_round_trip(tmp_path):
     """The public torchvision / lpips weight files predate the zip format."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     g = torch.Generator().manual_seed(1)
     base = torch.randn(5, 6, generator=g)
     sd = OrderedDict(w=torch.randn(4, 3, 3, 3, generator=g),

@@ -18,8 +18,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ldm_jax import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
     """Weights or a config cannot be converted; the message names the key / option and the fix."""
 
 

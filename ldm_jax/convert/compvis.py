@@ -13,7 +13,7 @@ A LatentDiffusion `.ckpt` is a Lightning checkpoint whose state dict holds these
 The YAML (`--config`) gives the architecture (unet_config / first_stage_config params) and the
 schedule. A standalone autoencoder checkpoint (encoder.*, decoder.*, quant_conv, ...; training
 keeps `loss.*`: LPIPS and discriminator weights) becomes a first-stage run. Pickles are read with
-ldm_jax.weights_io's restricted unpickler: no code inside the file runs.
+ldm_jax.storage.weights_io's restricted unpickler: no code inside the file runs.
 """
 
 from __future__ import annotations

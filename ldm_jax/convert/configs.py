@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from ldm_jax import config_defaults
+from ldm_jax.config import defaults as config_defaults
 from ldm_jax.convert.common import ConversionError
 
 # diffusers scheduler beta_schedule -> ldm_jax beta_schedule (same formulas).
@@ -24,7 +24,6 @@ def stage2_config(fields: Mapping[str, Any], *, latent_size: int, first_stage_ki
     """
     c = config_defaults.diffusion_config(
         first_stage_kind=first_stage_kind,
-        latent_shape=(latent_size, latent_size, int(fields["in_channels"])),
         model_channels=int(fields["model_channels"]), channel_mult=tuple(fields["channel_mult"]),
         attention_resolutions=tuple(fields["attention_resolutions"]),
         num_heads=int(fields["num_heads"]), num_head_channels=int(fields["num_head_channels"]))
@@ -34,6 +33,7 @@ def stage2_config(fields: Mapping[str, Any], *, latent_size: int, first_stage_ki
         c.model[key] = tuple(value) if isinstance(value, list) else value
     for key, value in diffusion.items():
         c.diffusion[key] = value
+    c.data.latent_shape = (latent_size, latent_size, int(fields["in_channels"]))
     if fields.get("num_classes") and num_classes_conditioning:
         c.conditioning.kind = "class"
     return c
@@ -55,8 +55,7 @@ def autoencoder_config(fields: Mapping[str, Any]) -> ml_collections.ConfigDict:
 def diffusion_from_scheduler(sched: Optional[Mapping[str, Any]]) -> dict:
     """ldm_jax `config.diffusion` values from a diffusers scheduler_config.json (or defaults)."""
     if sched is None:
-        d = config_defaults.diffusion_config(first_stage_kind="kl", latent_shape=(8, 8, 4),
-                                             model_channels=32, channel_mult=(1,),
+        d = config_defaults.diffusion_config(first_stage_kind="kl", model_channels=32, channel_mult=(1,),
                                              attention_resolutions=(), num_heads=1).diffusion
         return {k: d[k] for k in ("timesteps", "beta_schedule", "linear_start", "linear_end",
                                   "parameterization")}

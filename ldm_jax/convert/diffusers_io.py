@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ldm_jax import weights_io
+from ldm_jax.storage import weights_io
 from ldm_jax.convert import configs
 from ldm_jax.convert.common import ConversionError
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm_jax import UserError
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms
 
@@ -62,7 +63,7 @@ class LatentsNotReadyError(DataConfigError):
     """No precomputed latents at the given path, or the precompute has not finished."""
 
 
-class FirstStageMismatchError(ValueError):
+class FirstStageMismatchError(UserError, ValueError):
     """The latents were encoded by a different first stage than the one given."""
 
 
@@ -181,7 +182,8 @@ def latents_source(latents_dir: str | os.PathLike | None, split: str) -> Latents
     builder = tfds.builder_from_directory(tfds_dir(latents_dir))
     return LatentsSource(
         builder.as_data_source(split=split), metadata=metadata, name=os.fspath(latents_dir),
-        split=split, num_classes=sources_lib._class_counts(builder))  # pylint: disable=protected-access
+        split=split, num_classes=sources_lib._class_counts(builder),  # pylint: disable=protected-access
+        class_names=sources_lib._class_names(builder))  # pylint: disable=protected-access
 
 
 class LatentExampleFn:
@@ -194,8 +196,8 @@ class LatentExampleFn:
     """
 
     def __init__(self, data_cfg, *, train: bool):
-        self.label_key = data_cfg.get("label_key", None)
-        self.random_flip = bool(data_cfg.get("random_flip", False)) and train
+        self.label_key = data_cfg.label_key
+        self.random_flip = bool(data_cfg.random_flip) and train
 
     def __call__(self, indexed: tuple[int, dict], rng: np.random.Generator | None = None):
         index, example = indexed
@@ -231,7 +233,7 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
     return f"{DATASET_NAME}-{split}.array_record-{shard:05d}-of-{num_shards:05d}"
 
 
-def _feature_for(feature, value) -> Any:
+def _feature_for(feature, value, class_names=None) -> Any:
     """The latents-set feature for one source field, or None to skip it.
 
     Uses the source's TFDS feature where known (exact shapes, class names); otherwise infers
@@ -240,6 +242,8 @@ def _feature_for(feature, value) -> Any:
     """
     import tensorflow_datasets as tfds
 
+    if class_names:  # integer ids with names (an image folder's class sub-folders)
+        return tfds.features.ClassLabel(names=list(class_names))
     if feature is not None:
         if isinstance(feature, (tfds.features.Image, tfds.features.Video)):
             return None
@@ -296,7 +300,8 @@ def make_features(source, first_example: dict, *, image_key: str, kind: str,
             continue
         known = source_features[key] if source_features is not None and \
             key in source_features else None
-        out = None if key in RESERVED_KEYS else _feature_for(known, first_example[key])
+        names = getattr(source, "class_names", {}).get(key)
+        out = None if key in RESERVED_KEYS else _feature_for(known, first_example[key], names)
         if out is None:
             skipped.append(key)
         else:

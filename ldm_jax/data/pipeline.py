@@ -49,19 +49,11 @@ import grain
 import numpy as np
 
 from ldm_jax.data import latents as latents_lib
-from ldm_jax.data import sources as sources_lib
-from ldm_jax.data import transforms
-
-DataConfigError = sources_lib.DataConfigError
+from ldm_jax.data import registry, transforms
+from ldm_jax.data.sources import DataConfigError
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-
-def _get(cfg, key: str, default: Any = None) -> Any:
-    """`cfg.get` that also treats an explicit None as "use the default"."""
-    value = cfg.get(key, default)
-    return default if value is None else value
 
 
 def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -77,7 +69,7 @@ def _resolve_processes(process_index: int | None, process_count: int | None) -> 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise DataConfigError(
             f"global_batch_size={global_batch_size} must be a positive multiple of "
             f"process_count={process_count} (each host gets global_batch_size // process_count "
             "examples); change the batch size or the number of hosts."
@@ -112,11 +104,11 @@ class _ExampleFn:
     """Raw source example -> {'image', 'label'?, 'index'}; a class so it pickles cleanly."""
 
     def __init__(self, data_cfg, *, train: bool):
-        self.image_key = _get(data_cfg, "image_key", "image")
-        self.label_key = data_cfg.get("label_key", None)
-        self.image_size = int(data_cfg.get("image_size"))
-        self.random_crop = bool(data_cfg.get("random_crop", False)) and train
-        self.random_flip = bool(data_cfg.get("random_flip", False)) and train
+        self.image_key = data_cfg.image_key
+        self.label_key = data_cfg.label_key
+        self.image_size = int(data_cfg.image_size)
+        self.random_crop = bool(data_cfg.random_crop) and train
+        self.random_flip = bool(data_cfg.random_flip) and train
 
     def __call__(self, indexed: tuple[int, dict], rng: np.random.Generator | None = None):
         index, example = indexed
@@ -136,13 +128,10 @@ class _ExampleFn:
             ),
             "index": np.int32(index),
         }
-        if self.label_key:
-            if self.label_key not in example:
-                raise DataConfigError(
-                    f"data.label_key={self.label_key!r} is not a feature of this data set "
-                    f"(features: {sorted(example)}); set data.label_key=None for unlabelled "
-                    "data (e.g. data.source='folder')."
-                )
+        # Labels only where the data has them: an unlabelled source (a folder without class
+        # sub-folders, a TFDS set without this feature) trains unconditional models as is; a
+        # task that needs labels checks for them when it starts (conditioning.kind='class').
+        if self.label_key and self.label_key in example:
             label = np.asarray(example[self.label_key])
             if label.ndim != 0 or not np.issubdtype(label.dtype, np.integer):
                 raise DataConfigError(
@@ -255,7 +244,7 @@ class BatchIterator:
 
 
 def _is_latents(data_cfg) -> bool:
-    return data_cfg.get("source", None) in ("latents", "synthetic_latents")
+    return data_cfg.source in ("latents", "synthetic_latents")
 
 
 def _make_example_fn(data_cfg, *, train: bool):
@@ -268,7 +257,7 @@ def _make_example_fn(data_cfg, *, train: bool):
 def _check_image_size(data_cfg) -> None:
     if _is_latents(data_cfg):
         return  # latents are used as stored; there is no image to resize.
-    size = data_cfg.get("image_size", None)
+    size = data_cfg.image_size
     if not isinstance(size, (int, np.integer)) or size < 1:
         raise DataConfigError(f"data.image_size must be a positive int, got {size!r}.")
 
@@ -287,10 +276,12 @@ def _open(data_cfg, *, train: bool, global_batch_size: int, process_index, proce
     process_index, process_count = _resolve_processes(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, process_count)
     _check_image_size(data_cfg)
-    split = (_get(data_cfg, "train_split", "train") if train
-             else _get(data_cfg, "eval_split", "test"))
+    split = data_cfg.train_split if train else data_cfg.eval_split
+    if not split:
+        field = "data.train_split" if train else "data.eval_split"
+        raise DataConfigError(f"{field} is empty; name the split to read (e.g. 'train', 'test').")
     if source is None:
-        source = sources_lib.make_source(data_cfg, split)
+        source = registry.make_source(data_cfg, split)
     fn = _make_example_fn(data_cfg, train=train)
     _validate_first(source, fn, "train" if train else "eval")
     return process_index, process_count, local_batch, source, fn
@@ -355,8 +346,8 @@ def make_train_iterator(
     return BatchIterator(
         ds,
         start_step=start_step,
-        num_threads=_get(data_cfg, "num_threads", 0),
-        prefetch=_get(data_cfg, "prefetch", 2),
+        num_threads=data_cfg.num_threads,
+        prefetch=data_cfg.prefetch,
     )
 
 
@@ -391,7 +382,8 @@ def make_eval_iterator(
         process_count=process_count, source=source)
     n = len(source) if num_examples is None else min(int(num_examples), len(source))
     if n < 1:
-        raise ValueError(f"num_examples={num_examples} leaves nothing to evaluate.")
+        raise DataConfigError(f"eval_num_examples={num_examples} leaves nothing to evaluate; "
+                              f"set it to at least 1.")
     num_batches = math.ceil(n / global_batch_size)
 
     ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(len(source))).map(fn)
@@ -401,8 +393,8 @@ def make_eval_iterator(
     return BatchIterator(
         ds,
         start_step=0,
-        num_threads=_get(data_cfg, "num_threads", 0),
-        prefetch=_get(data_cfg, "prefetch", 2),
+        num_threads=data_cfg.num_threads,
+        prefetch=data_cfg.prefetch,
         num_batches=num_batches,
     )
 
@@ -420,10 +412,10 @@ def dataset_info(data_cfg) -> dict[str, Any]:
     if _is_latents(data_cfg):
         return _latents_dataset_info(data_cfg)
     _check_image_size(data_cfg)
-    train = sources_lib.make_source(data_cfg, _get(data_cfg, "train_split", "train"))
-    eval_split = data_cfg.get("eval_split", None)
-    num_eval = len(sources_lib.make_source(data_cfg, eval_split)) if eval_split else 0
-    label_key = data_cfg.get("label_key", None)
+    train = registry.make_source(data_cfg, data_cfg.train_split)
+    eval_split = data_cfg.eval_split
+    num_eval = len(registry.make_source(data_cfg, eval_split)) if eval_split else 0
+    label_key = data_cfg.label_key
     num_classes = getattr(train, "num_classes", {}).get(label_key) if label_key else None
     size = int(data_cfg.image_size)
     return {
@@ -435,11 +427,11 @@ def dataset_info(data_cfg) -> dict[str, Any]:
 
 
 def _latents_dataset_info(data_cfg) -> dict[str, Any]:
-    train = sources_lib.make_source(data_cfg, _get(data_cfg, "train_split", "train"))
-    eval_split = data_cfg.get("eval_split", None)
-    num_eval = len(sources_lib.make_source(data_cfg, eval_split)) if eval_split else 0
+    train = registry.make_source(data_cfg, data_cfg.train_split)
+    eval_split = data_cfg.eval_split
+    num_eval = len(registry.make_source(data_cfg, eval_split)) if eval_split else 0
     meta = train.metadata
-    label_key = data_cfg.get("label_key", None)
+    label_key = data_cfg.label_key
     h, w, _ = meta["latent_shape"]
     return {
         "num_train_examples": len(train),

@@ -1,10 +1,17 @@
-"""Random-access image sources: TFDS (array_record) data sets, image folders, embedded digits
-(and precomputed latents, `ldm_jax.data.latents`).
+"""Random-access image sources: TFDS (array_record) data sets and the embedded digits.
+
+Image folders live in `ldm_jax.data.folder`, precomputed latents in `ldm_jax.data.latents`;
+`ldm_jax.data.registry.make_source` picks one from a `data` config. This module imports none
+of them (they import it), so there is no import cycle.
 
 A source is any object with `__len__` and `__getitem__(i) -> dict of numpy arrays` (grain's
 `RandomAccessDataSource` protocol); sources here may also implement `__getitems__` for
-batched reads and carry `num_classes` ({feature key: number of classes}); TFDS-backed sources
-also expose `features` (the TFDS FeaturesDict, or None where unknown).
+batched reads. Every image source carries:
+  num_classes: {feature key: number of classes};
+  class_names: {feature key: [name of class 0, name of class 1, ...]};
+  holdout: None, or a JSON-able dict saying the split is (or excludes) a held-out slice of
+    another split (see `HoldoutPolicy`), for the caller to record in its metadata.
+TFDS-backed sources also expose `features` (the TFDS FeaturesDict, or None where unknown).
 
 TensorFlow is optional: TFDS data prepared as `array_record` is read through
 `builder.as_data_source()` with no TF at all. Only `tfrecord`-format data sets need TF (read
@@ -16,7 +23,7 @@ field at fault and says how to fix it.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -24,13 +31,14 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SOURCES = ("digits", "tfds", "folder", "latents", "synthetic_latents")
-# Fraction (in percent) of a split-less image folder that goes to the `test` split.
-FOLDER_TEST_PERCENT = 5
+from ldm_jax import UserError
+
+# Percent of a one-split source held out as the eval split unless `data.holdout_percent`
+# says otherwise (the value of the config default).
+DEFAULT_HOLDOUT_PERCENT = 5
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """A data config problem; the message names the `data.*` field and the fix."""
 
 
@@ -40,6 +48,45 @@ class MissingDataError(DataConfigError, FileNotFoundError):
 
 class DataNotPreparedError(DataConfigError):
     """The TFDS data set has not been prepared (downloaded/built) in the data dir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldoutPolicy:
+    """Where the eval split comes from when a source has only the train split.
+
+    When `eval_split` is not a split of the source but `train_split` is, the eval split is a
+    deterministic `percent`% slice of the train split, and reading `train_split` then leaves
+    that slice out, so one config's train and eval never overlap (CelebA-HQ in TFDS and most
+    photo folders have a single split). Inactive (no slicing: a missing split is an error)
+    when `eval_split` is empty or equals `train_split`, or `percent` is 0.
+    """
+
+    train_split: str = "train"
+    eval_split: str | None = "test"
+    percent: int = DEFAULT_HOLDOUT_PERCENT
+
+    @classmethod
+    def from_config(cls, data_cfg) -> HoldoutPolicy:
+        """The policy of a `data` config: train_split, eval_split, holdout_percent."""
+        percent = data_cfg.holdout_percent
+        if isinstance(percent, bool) or not isinstance(percent, (int, np.integer)) or not (
+                0 <= percent <= 99):
+            raise DataConfigError(
+                f"data.holdout_percent={percent!r} must be an int in 0..99: the percent of the "
+                "train split held out as data.eval_split when the data has no such split "
+                "(0 turns holding out off)."
+            )
+        return cls(str(data_cfg.train_split or ""), data_cfg.eval_split or None, int(percent))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.eval_split) and self.eval_split != self.train_split and self.percent > 0
+
+    def describe(self, role: str, method: str, **extra) -> dict[str, Any]:
+        """The JSON-able `holdout` record of a source; role 'eval' is the held-out slice,
+        'train' the train split without it."""
+        return {"from_split": self.train_split, "eval_split": self.eval_split, "role": role,
+                "method": method, "percent": self.percent, **extra}
 
 
 def _to_numpy(value: Any) -> Any:
@@ -60,11 +107,15 @@ def _split_names(split: str) -> list[str]:
 class TfdsSource:
     """Wraps a TFDS `ArrayRecordDataSource` so examples come back as dicts of numpy arrays."""
 
-    def __init__(self, data_source, *, name: str, split: str, num_classes: dict[str, int]):
+    def __init__(self, data_source, *, name: str, split: str, num_classes: dict[str, int],
+                 class_names: dict[str, list[str]] | None = None,
+                 holdout: dict[str, Any] | None = None):
         self._ds = data_source
         self.name = name
         self.split = split
         self.num_classes = num_classes
+        self.class_names = class_names or {}
+        self.holdout = holdout
 
     @property
     def features(self):
@@ -93,12 +144,16 @@ class EncodedRecordsSource:
     """
 
     def __init__(self, records: list[dict], image_keys: Sequence[str], *, name: str,
-                 split: str, num_classes: dict[str, int]):
+                 split: str, num_classes: dict[str, int],
+                 class_names: dict[str, list[str]] | None = None,
+                 holdout: dict[str, Any] | None = None):
         self._records = records
         self._image_keys = tuple(image_keys)
         self.name = name
         self.split = split
         self.num_classes = num_classes
+        self.class_names = class_names or {}
+        self.holdout = holdout
         self.features = None  # set by _load_tfrecord
 
     def __len__(self) -> int:
@@ -124,7 +179,10 @@ class CachedSource:
     def __init__(self, source):
         self._source = source
         self._cache: dict[int, dict] = {}
+        self.split = getattr(source, "split", None)
         self.num_classes = getattr(source, "num_classes", {})
+        self.class_names = getattr(source, "class_names", {})
+        self.holdout = getattr(source, "holdout", None)
         self.features = getattr(source, "features", None)
 
     def __len__(self) -> int:
@@ -145,14 +203,20 @@ class CachedSource:
         return f"CachedSource({self._source!r})"
 
 
-def _class_counts(builder) -> dict[str, int]:
+def _class_labels(builder) -> dict[str, Any]:
     import tensorflow_datasets as tfds
 
-    counts = {}
-    for key, feature in builder.info.features.items():
-        if isinstance(feature, tfds.features.ClassLabel):
-            counts[key] = int(feature.num_classes)
-    return counts
+    return {key: feature for key, feature in builder.info.features.items()
+            if isinstance(feature, tfds.features.ClassLabel)}
+
+
+def _class_counts(builder) -> dict[str, int]:
+    return {key: int(f.num_classes) for key, f in _class_labels(builder).items()}
+
+
+def _class_names(builder) -> dict[str, list[str]]:
+    # ClassLabel(num_classes=K) without names reports '0'..'K-1', still useful as labels.
+    return {key: [str(n) for n in f.names] for key, f in _class_labels(builder).items()}
 
 
 def _prepare_hint(builder, name: str, data_dir: str) -> str:
@@ -168,7 +232,9 @@ def _prepare_hint(builder, name: str, data_dir: str) -> str:
     return hint
 
 
-def _load_tfrecord(builder, name: str, split: str, num_classes: dict[str, int]):
+def _load_tfrecord(builder, name: str, split: str, num_classes: dict[str, int],
+                   class_names: dict[str, list[str]] | None = None,
+                   holdout: dict[str, Any] | None = None):
     """Reads a tfrecord-format split through tf.data into an `EncodedRecordsSource`."""
     try:
         import tensorflow  # noqa: F401  (only probing availability)
@@ -189,14 +255,44 @@ def _load_tfrecord(builder, name: str, split: str, num_classes: dict[str, int]):
     decoders = {k: tfds.decode.SkipDecoding() for k in image_keys}
     ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
     records = list(tfds.as_numpy(ds))
-    source = EncodedRecordsSource(
-        records, image_keys, name=name, split=split, num_classes=num_classes
-    )
+    source = EncodedRecordsSource(records, image_keys, name=name, split=split,
+                                  num_classes=num_classes, class_names=class_names,
+                                  holdout=holdout)
     source.features = builder.info.features
     return source
 
 
-def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
+def _resolve_tfds_split(split: str, available: list[str], policy: HoldoutPolicy | None,
+                        name: str) -> tuple[str, dict[str, Any] | None]:
+    """(TFDS split spec to read, holdout record) for `split`, slicing a held-out eval split
+    off the train split when the data set has no eval split (see `HoldoutPolicy`)."""
+    def exists(spec):
+        return bool(spec) and all(s in available for s in _split_names(spec))
+
+    # Only a plain split name can be sliced: TFDS slices do not compose ('train[:50%][95%:]').
+    can_hold_out = (policy is not None and policy.active and not exists(policy.eval_split)
+                    and policy.train_split in available)
+    if can_hold_out and split == policy.eval_split:
+        spec = f"{policy.train_split}[{100 - policy.percent}%:]"
+        return spec, policy.describe("eval", "tfds_slice", spec=spec)
+    if can_hold_out and split == policy.train_split:
+        spec = f"{policy.train_split}[:{100 - policy.percent}%]"
+        return spec, policy.describe("train", "tfds_slice", spec=spec)
+    if exists(split):
+        return split, None
+    hint = ""
+    if policy is not None and split == policy.eval_split and policy.active:
+        hint = (f" data.eval_split can only be held out of data.train_split="
+                f"{policy.train_split!r} when that is one of the available splits; set "
+                "data.eval_split to an available split or a slice such as 'train[95%:]'.")
+    raise DataConfigError(
+        f"Unknown split {split!r} for TFDS data set {name!r} (data.train_split / "
+        f"data.eval_split). Available splits: {available}.{hint}"
+    )
+
+
+def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
+                holdout: HoldoutPolicy | None = None):
     """Random-access source over a prepared TFDS data set split.
 
     Args:
@@ -204,9 +300,13 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
       split: TFDS split spec, e.g. 'train', 'test', 'train[:95%]'.
       data_dir: TFDS data dir; None means TFDS's default (`~/tensorflow_datasets`, or
         $TFDS_DATA_DIR).
+      holdout: if given and the data set lacks `holdout.eval_split`, that split is read as
+        `train[95%:]` and `holdout.train_split` as `train[:95%]` (for percent 5); None reads
+        `split` as given.
 
     Returns:
-      A source with `__len__`, `__getitem__` (dict of numpy arrays) and `num_classes`.
+      A source with `__len__`, `__getitem__` (dict of numpy arrays), `num_classes`,
+      `class_names`, `holdout` and `features`.
 
     Raises:
       MissingDataError: `data_dir` does not exist.
@@ -242,27 +342,27 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
             f"TFDS data set {name!r} (data.name) is not prepared in data.data_dir="
             f"{data_dir!r}. {_prepare_hint(builder, name, data_dir)}"
         )
-    available = sorted(builder.info.splits.keys())
-    unknown = [s for s in _split_names(split) if s not in available]
-    if unknown:
-        raise DataConfigError(
-            f"Unknown split {split!r} for TFDS data set {name!r} (data.train_split / "
-            f"data.eval_split). Available splits: {available}."
-        )
-    num_classes = _class_counts(builder)
+    spec, held = _resolve_tfds_split(split, sorted(builder.info.splits.keys()), holdout, name)
+    num_classes, class_names = _class_counts(builder), _class_names(builder)
     formats = {f.value for f in builder.info.available_file_formats()}
     if formats & {"array_record", "parquet"}:
-        ds = builder.as_data_source(split=split)
-        return TfdsSource(ds, name=name, split=split, num_classes=num_classes)
-    return _load_tfrecord(builder, name, split, num_classes)
+        ds = builder.as_data_source(split=spec)
+        return TfdsSource(ds, name=name, split=split, num_classes=num_classes,
+                          class_names=class_names, holdout=held)
+    source = _load_tfrecord(builder, name, spec, num_classes, class_names, held)
+    source.split = split  # the config's name; the slice read is in `holdout['spec']`
+    return source
 
 
-def digits_source(split: str, data_dir: str | os.PathLike | None = None):
+def digits_source(split: str, data_dir: str | os.PathLike | None = None, *,
+                  holdout: HoldoutPolicy | None = None):
     """The embedded `ldm_digits` data set (built on first use under `data_dir`).
 
     Args:
       split: 'train' or 'test' (or any TFDS split spec over those).
       data_dir: where the builder is written; None means `<cwd>/data/tfds`.
+      holdout: as for `tfds_source` (digits has both splits, so it only matters for an
+        eval split name other than 'test').
     """
     from ldm_jax.data import digits
 
@@ -274,145 +374,4 @@ def digits_source(split: str, data_dir: str | os.PathLike | None = None):
             "data.data_dir=None to build the digits data set under <cwd>/data/tfds."
         )
     data_dir = digits.ensure_digits_prepared(data_dir)
-    return CachedSource(tfds_source(digits.NAME, split, data_dir))
-
-
-# ------------------------------------------------------------------------------------ Folder
-
-
-def list_images(root: str | os.PathLike) -> list[str]:
-    """Image files under `root` (recursive, sorted, paths relative to `root`)."""
-    root = os.fspath(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for fname in filenames:
-            if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
-                found.append(os.path.relpath(os.path.join(dirpath, fname), root))
-    # Sorting by POSIX relative path makes the order (and thus the seeded shuffle) the same on
-    # every host and OS, whatever order the file system lists entries in.
-    return sorted(found, key=lambda p: p.replace(os.sep, "/"))
-
-
-def _in_test_split(relpath: str) -> bool:
-    # Hash of the relative path, not the file index: adding images does not move old ones
-    # between splits, and the split is the same on every host.
-    digest = hashlib.md5(relpath.replace(os.sep, "/").encode("utf-8")).hexdigest()
-    return int(digest[:8], 16) % 100 < FOLDER_TEST_PERCENT
-
-
-class FolderSource:
-    """Images from a folder; `__getitem__` returns `{image_key: (H, W, 3) or (H, W) uint8}`."""
-
-    def __init__(self, root: str, relpaths: list[str], *, split: str, image_key: str = "image"):
-        self.root = root
-        self.relpaths = relpaths
-        self.split = split
-        self.image_key = image_key
-        self.num_classes: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.relpaths)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        from PIL import Image, ImageOps
-
-        path = os.path.join(self.root, self.relpaths[int(index)])
-        try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im)  # phone photos store rotation in EXIF
-                # Greyscale stays 2-D (the transforms replicate it); palette, RGBA, CMYK... are
-                # converted to RGB here because PIL knows their semantics.
-                if im.mode not in ("RGB", "L"):
-                    im = im.convert("RGB")
-                image = np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"Cannot read image {path!r} (data.folder): {e}") from e
-        return {self.image_key: image}
-
-    def __repr__(self) -> str:
-        return f"FolderSource({self.root!r}, split={self.split!r}, len={len(self)})"
-
-
-def folder_source(folder: str | os.PathLike | None, split: str, image_key: str = "image"):
-    """Random-access source over an image folder (png/jpg/jpeg/webp/bmp, recursive).
-
-    If `folder` has a `train/` or `test/` sub-folder, each sub-folder is a split (images at
-    the top level are ignored). Otherwise the split is a deterministic hash of each file's
-    relative path: ~95% 'train', ~5% 'test'.
-
-    Raises:
-      MissingDataError: the folder does not exist.
-      DataConfigError: unknown split, or no images in the split.
-    """
-    if not folder:
-        raise DataConfigError("data.folder is not set; set it to a folder of images.")
-    root = os.path.abspath(os.path.expanduser(os.fspath(folder)))
-    if not os.path.isdir(root):
-        raise MissingDataError(
-            f"data.folder={os.fspath(folder)!r} does not exist (or is not a directory); "
-            "set data.folder to a folder of png/jpg/jpeg/webp/bmp images."
-        )
-    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if "train" in subdirs or "test" in subdirs:
-        if split not in subdirs:
-            raise DataConfigError(
-                f"Unknown split {split!r} (data.train_split / data.eval_split) for "
-                f"data.folder={root!r}: available splits (sub-folders) are {subdirs}."
-            )
-        split_root = os.path.join(root, split)
-        relpaths = [os.path.join(split, p) for p in list_images(split_root)]
-        where = f"sub-folder {split_root!r}"
-    else:
-        if split not in ("train", "test"):
-            raise DataConfigError(
-                f"Unknown split {split!r} (data.train_split / data.eval_split) for "
-                f"data.folder={root!r}: it has no split sub-folders, so the available splits "
-                f"are ['train', 'test'] (a {100 - FOLDER_TEST_PERCENT}/{FOLDER_TEST_PERCENT} "
-                "hash split). Add train/ and test/ sub-folders for other splits."
-            )
-        all_paths = list_images(root)
-        if not all_paths:
-            raise DataConfigError(
-                f"data.folder={root!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})."
-            )
-        want_test = split == "test"
-        relpaths = [p for p in all_paths if _in_test_split(p) == want_test]
-        where = f"the hash-based {split!r} split of {len(all_paths)} images in {root!r}"
-    if not relpaths:
-        raise DataConfigError(
-            f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {where} (data.folder). Add images, "
-            "or use train/ and test/ sub-folders to choose the split explicitly."
-        )
-    return FolderSource(root, relpaths, split=split, image_key=image_key)
-
-
-# ------------------------------------------------------------------------------------ Config
-
-
-def make_source(data_cfg, split: str):
-    """Builds the source for `split` from a `data` config (see `ldm_jax.data.pipeline`).
-
-    Dispatches on `data.source`: 'digits' | 'tfds' | 'folder' | 'latents' (precomputed
-    first-stage latents in `data.latents_dir`, see `ldm_jax.data.latents`).
-    """
-    kind = data_cfg.get("source", None)
-    data_dir = data_cfg.get("data_dir", None)
-    if kind == "digits":
-        return digits_source(split, data_dir)
-    if kind == "tfds":
-        return tfds_source(data_cfg.get("name", None), split, data_dir)
-    if kind == "folder":
-        return folder_source(
-            data_cfg.get("folder", None), split, data_cfg.get("image_key", "image") or "image"
-        )
-    if kind == "synthetic_latents":
-        from ldm_jax.data.synthetic import SyntheticLatentsSource
-        # Held-out split: other noise on the same class patterns.
-        return SyntheticLatentsSource(data_cfg.get("latent_shape"), data_cfg.get("num_classes", 0),
-                                      noise_seed=0 if split == data_cfg.get("train_split", "train") else 1)
-    if kind == "latents":
-        from ldm_jax.data import latents  # imported here: latents imports this module.
-
-        return latents.latents_source(data_cfg.get("latents_dir", None), split)
-    raise DataConfigError(f"Unknown data.source={kind!r}; expected one of {list(SOURCES)}.")
+    return CachedSource(tfds_source(digits.NAME, split, data_dir, holdout=holdout))

@@ -11,6 +11,61 @@ import numpy as np
 from PIL import Image
 
 
+# PIL modes of 16-bit greyscale (PNG, PPM...). Pillow opens 16-bit RGB(A) PNGs as 8-bit
+# 'RGB'/'RGBA' itself (keeping each channel's high byte), so those need nothing here.
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def scale_16bit_to_uint8(values) -> np.ndarray:
+    """Integer values in 0..65535 -> uint8 as round(value / 257): 65535 -> 255, 32768 -> 128.
+
+    PIL's own convert('L' / 'RGB') clips instead (every value above 255 turns white), which
+    would make a 16-bit photo a white sheet.
+    """
+    v = np.asarray(values).astype(np.uint32)
+    # (v + 128) // 257 == round(v / 257) for integers; no ties occur (257 is odd).
+    return ((v + 128) // 257).astype(np.uint8)
+
+
+def _range_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Linearly maps [min, max] of the array to 0..255 (a constant image becomes 0)."""
+    v = values.astype(np.float64)
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.zeros(v.shape, np.uint8)
+    return np.round((v - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def pil_to_uint8(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> numpy uint8: (H, W) for greyscale, (H, W, 3) otherwise.
+
+    - 'L' and 'RGB' are taken as they are; greyscale stays 2-D (`to_rgb_uint8` replicates it
+      after resizing, a third of the work).
+    - 16-bit greyscale ('I;16*') is scaled by 1/257 (`scale_16bit_to_uint8`), not clipped.
+    - 32-bit 'I' holds 16-bit data in practice (older Pillow opens 16-bit PNGs so): scaled
+      like 16-bit when its values lie in 0..65535, else its actual [min, max] is stretched to
+      0..255 (there is no standard white level above 16 bits). 'F' is treated the same way.
+    - '1' (bilevel) becomes 'L'; palette with transparency goes through RGBA (PIL warns and
+      may drop the transparency mask otherwise), then RGB; every other mode (RGBA, LA, CMYK,
+      YCbCr, P, ...) is converted to RGB by PIL, which knows its semantics. Alpha is dropped.
+    """
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        return np.asarray(im, dtype=np.uint8)
+    if mode in _16BIT_MODES:
+        return scale_16bit_to_uint8(np.asarray(im))
+    if mode in ("I", "F"):
+        values = np.asarray(im)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            return _range_to_uint8(values)
+        return scale_16bit_to_uint8(np.round(values))
+    if mode == "1":
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    if mode in ("P", "PA") and (mode == "PA" or "transparency" in im.info):
+        im = im.convert("RGBA")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def to_rgb_uint8(image, key: str = "image") -> np.ndarray:
     """Validates an image array and returns it as (H, W, 3) uint8.
 

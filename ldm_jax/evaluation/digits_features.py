@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax.weights_io import flatten_state_dict, unflatten_state_dict
+from ldm_jax.storage import files
+from ldm_jax.storage.weights_io import flatten_state_dict, unflatten_state_dict
 
 VERSION = "digits_cnn_v1"
 FEATURE_DIM = 64
@@ -89,7 +90,7 @@ def prepare_images(images: jax.Array) -> jax.Array:
 def load_digits_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images float32 [N, 32, 32, 3] in [-1, 1], labels int32 [N]) of an `ldm_digits` split,
     read through the project's eval pipeline (built into `data_dir` on first use)."""
-    from ldm_jax import config_defaults
+    from ldm_jax.config import defaults as config_defaults
     from ldm_jax.data import pipeline
 
     cfg = config_defaults.data_config(source="digits", image_size=INPUT_SIZE, eval_split=split,
@@ -168,18 +169,14 @@ def classifier_accuracy(params, images: np.ndarray, labels: np.ndarray) -> float
 
 def params_digest(params) -> str:
     """Short sha256 of the parameters (their identity in the cache metadata)."""
-    from ldm_jax.first_stage import params_hash
+    from ldm_jax.storage.first_stage import params_hash
     return params_hash(params)
 
 
 def save_params(path: str, params, meta: dict) -> None:
     """Writes params + meta (JSON) to `path` atomically (a unique temp file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
-        flat = flatten_state_dict(jax.tree_util.tree_map(np.asarray, params), sep="/")
-        np.savez(f, __meta__=np.asarray(json.dumps(meta, sort_keys=True)), **flat)
-    os.replace(tmp, path)
+    flat = flatten_state_dict(jax.tree_util.tree_map(np.asarray, params), sep="/")
+    files.write_npz(path, __meta__=np.asarray(json.dumps(meta, sort_keys=True)), **flat)
 
 
 def load_params(path: str) -> tuple[dict, dict]:

@@ -27,7 +27,7 @@ clipped (pytorch-fid does not clip either). One-channel images are repeated to R
 Weights: :func:`load_inception_extractor` reads the public ``pt_inception-2015-12-05-6726825d.pth``
 (the torch state dict of pytorch-fid's FID Inception: ``Conv2d_1a_3x3.conv.weight``,
 ``...bn.{weight,bias,running_mean,running_var}``, ``Mixed_5b.branch1x1.conv.weight``, ...,
-``fc.weight`` [1008, 2048], ``fc.bias``) with :func:`ldm_jax.weights_io.load_torch_state_dict`
+``fc.weight`` [1008, 2048], ``fc.bias``) with :func:`ldm_jax.storage.weights_io.load_torch_state_dict`
 (restricted unpickler: nothing in the file is executed; torch is not needed).
 
 Every conv / matmul runs at ``Precision.HIGHEST`` by default: on GPUs and TPUs the default
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.weights_io import load_torch_state_dict
+from ldm_jax.storage.weights_io import MissingWeightsError, load_torch_state_dict
 
 __all__ = ["FeatureExtractor", "FIDInceptionV3", "load_inception_extractor",
            "inception_variables_from_state_dict", "resize_bilinear_torch",
@@ -417,7 +417,7 @@ def load_inception_extractor(path: Union[str, os.PathLike], *, image_size: int =
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"FID Inception weights not found: {path!r}. Download {FID_WEIGHTS_FILE} from "
             f"{FID_WEIGHTS_URL} (the file pytorch-fid uses) and pass its path.")
     variables = inception_variables_from_state_dict(load_torch_state_dict(path), source=path)

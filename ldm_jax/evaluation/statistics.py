@@ -23,13 +23,14 @@ import functools
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
+
+from ldm_jax.storage import files
 
 __all__ = ["FeatureMoments", "frechet_distance", "inception_score", "precision_recall",
            "cached_reference_moments"]
@@ -123,19 +124,10 @@ class FeatureMoments:
         """
         meta = dict(self.meta if meta is None else meta)
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_moments_", suffix=".npz", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append '.npz'
-                np.savez(f, mu=self.mean, sigma=self.covariance,
-                         count=np.asarray(self.count, np.int64),
-                         meta=np.asarray(json.dumps(meta, sort_keys=True)))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with files.atomic_write(path, "wb") as f:  # a file object: np.savez would append '.npz'
+            np.savez(f, mu=self.mean, sigma=self.covariance,
+                     count=np.asarray(self.count, np.int64),
+                     meta=np.asarray(json.dumps(meta, sort_keys=True)))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "FeatureMoments":

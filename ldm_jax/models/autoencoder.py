@@ -437,6 +437,14 @@ class VQModel(_FirstStageBase):
 _REQUIRED = object()
 
 
+def _default(key: str) -> Any:
+    """The config default of an optional `model` field (ldm_jax/config/defaults.py is the one
+    source of defaults; plain dicts given to make_first_stage may leave these out)."""
+    from ldm_jax.config import defaults
+    return defaults.autoencoder_config(kind="kl", ch_mult=(1,), z_channels=1,
+                                       embed_dim=1).model[key]
+
+
 def _get(cfg: Any, key: str, default: Any = _REQUIRED) -> Any:
     """Read ``cfg[key]`` (ConfigDict or dict); clear error when a required key is missing."""
     try:
@@ -482,7 +490,7 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
     num_res_blocks = int(_get(model_cfg, "num_res_blocks"))
     attn_resolutions = tuple(int(r) for r in _get(model_cfg, "attn_resolutions"))
     resolution = int(_get(model_cfg, "resolution"))
-    num_groups = int(_get(model_cfg, "norm_groups", 32))
+    num_groups = int(_get(model_cfg, "norm_groups", _default("norm_groups")))
 
     f = 2 ** (len(ch_mult) - 1)
     if resolution % f:
@@ -503,9 +511,9 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
         attn_resolutions=attn_resolutions, resolution=resolution,
         z_channels=int(_get(model_cfg, "z_channels")),
         embed_dim=int(_get(model_cfg, "embed_dim")),
-        in_channels=int(_get(model_cfg, "in_channels", 3)),
-        out_ch=int(_get(model_cfg, "out_ch", 3)),
-        dropout=float(_get(model_cfg, "dropout", 0.0)),
+        in_channels=int(_get(model_cfg, "in_channels", _default("in_channels"))),
+        out_ch=int(_get(model_cfg, "out_ch", _default("out_ch"))),
+        dropout=float(_get(model_cfg, "dropout", _default("dropout"))),
         num_groups=num_groups,
         dtype=jnp.dtype(dtype),
     )
@@ -514,5 +522,5 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
     n_embed = int(_get(model_cfg, "n_embed"))
     if n_embed < 1:
         raise ValueError(f"model_cfg.n_embed must be positive, got {n_embed}")
-    return VQModel(**common, n_embed=n_embed, beta=float(_get(model_cfg, "beta", 0.25)),
-                   legacy=bool(_get(model_cfg, "legacy_beta", False)))
+    return VQModel(**common, n_embed=n_embed, beta=float(_get(model_cfg, "beta", _default("beta"))),
+                   legacy=bool(_get(model_cfg, "legacy_beta", _default("legacy_beta"))))

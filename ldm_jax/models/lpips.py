@@ -13,7 +13,7 @@ Weights come from two public files, converted on load (OIHW -> HWIO):
   ``classifier.*`` keys are ignored);
 * the lpips package's ``lpips/weights/v0.1/vgg.pth`` (``lin{k}.model.1.weight``, [1, C, 1, 1]).
 
-Both are legacy (pre torch 1.6) pickles; :mod:`ldm_jax.weights_io` reads them without torch and
+Both are legacy (pre torch 1.6) pickles; :mod:`ldm_jax.storage.weights_io` reads them without torch and
 without executing pickled code. The state dict of a full ``lpips.LPIPS`` module
 (``net.slice{s}.N.weight`` keys) is accepted too.
 :func:`save_lpips_params_npz` writes one combined file whose keys are the Flax parameter paths
@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.weights_io import load_weights, save_safetensors, unflatten_state_dict
+from ldm_jax.storage import weights_io
+from ldm_jax.storage.weights_io import load_weights, save_safetensors, unflatten_state_dict
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -342,13 +343,13 @@ def require_lpips_weights(path_or_none: Union[None, PathLike, Sequence[PathLike]
     else:
         paths = [os.fspath(p) for p in path_or_none]
     if not paths:
-        raise ValueError(f"The LPIPS perceptual loss needs pretrained weights, but config field "
+        raise weights_io.WeightsConfigError(f"The LPIPS perceptual loss needs pretrained weights, but config field "
                          f"'{field_name}' is not set. " + hint)
     if len(paths) > 2:
-        raise ValueError(f"'{field_name}' names {len(paths)} files; expected 1 or 2. " + hint)
+        raise weights_io.WeightsConfigError(f"'{field_name}' names {len(paths)} files; expected 1 or 2. " + hint)
     for p in paths:
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"LPIPS weight file '{p}' (from '{field_name}') does not "
+            raise weights_io.MissingWeightsError(f"LPIPS weight file '{p}' (from '{field_name}') does not "
                                     "exist. " + hint)
     return paths[0], (paths[1] if len(paths) == 2 else None)
 

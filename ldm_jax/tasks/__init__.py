@@ -1,21 +1,26 @@
-"""Tasks the one train loop runs, chosen by `config.stage`.
+"""Tasks the one train loop runs, chosen by `config.stage` (the interface: tasks/base.py).
 
-A task owns the model, losses and optimisers of one stage and exposes pure functions the loop
-jits: `init_state`, `train_step(state, batch, phase)`, `eval_step`, `image_step`, plus
-`phases()` / `phase_for_step(step)` (steps compiled once per phase before the loop) and
-`summarise_eval`.
+To add a stage: write a class with the `Task` protocol's members next to autoencoder.py and
+diffusion.py, add it to `TASKS`, and give it a defaults function in ldm_jax/config/defaults.py.
 """
 
 from __future__ import annotations
 
+from ldm_jax.config.loading import ConfigError
+
+# config.stage -> "module:class", imported on demand (each pulls in its models).
+TASKS = {
+    "autoencoder": "ldm_jax.tasks.autoencoder:AutoencoderTask",
+    "diffusion": "ldm_jax.tasks.diffusion:DiffusionTask",
+}
+
 
 def make_task(config):
     """Instantiates the task for `config.stage` with a clear error for unknown stages."""
-    stage = config.stage
-    if stage == "autoencoder":
-        from ldm_jax.tasks.autoencoder import AutoencoderTask
-        return AutoencoderTask(config)
-    if stage == "diffusion":
-        from ldm_jax.tasks.diffusion import DiffusionTask
-        return DiffusionTask(config)
-    raise ValueError(f"config.stage={stage!r}: use 'autoencoder' or 'diffusion'.")
+    import importlib
+
+    target = TASKS.get(config.stage)
+    if target is None:
+        raise ConfigError(f"config.stage={config.stage!r}: use one of {sorted(TASKS)}.")
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(config)

@@ -9,33 +9,51 @@ adaptive weight, plus the discriminator update).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import autoencoder_loss as losses
-from ldm_jax import metrics
+from ldm_jax.config.loading import ConfigError
+
+from ldm_jax.tasks import autoencoder_loss as losses
+from ldm_jax.evaluation import image_metrics as metrics
 from ldm_jax.models import autoencoder as ae_models
 from ldm_jax.models.discriminator import NLayerDiscriminator
-from ldm_jax.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
+from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
                                  global_norm, make_optimizer)
+
+
+def resolve_config(config):
+    """A copy of `config` with `model.resolution` taken from `data.image_size` when unset
+    (attention levels are named by the nominal feature-map size), checked when set."""
+    config = copy.deepcopy(config)
+    size, resolution = config.data.image_size, config.model.resolution
+    if resolution is None:
+        config.model.resolution = int(size)
+    elif int(resolution) != int(size):
+        raise ConfigError(
+            f"config.model.resolution={resolution} differs from config.data.image_size={size}; "
+            f"set --config.model.resolution=None to follow the image size, or make them equal.")
+    return config
 
 
 class AutoencoderTask:
     """Builds, steps and evaluates a first-stage autoencoder for the generic train loop."""
 
     name = "autoencoder"
+    input_key = "image"
 
     def __init__(self, config):
-        self.config = config
+        config = self.config = resolve_config(config)
         self.kind = config.model.kind
         if self.kind not in ("kl", "vq"):
-            raise ValueError(f"config.model.kind={self.kind!r}: use 'kl' or 'vq'.")
+            raise ConfigError(f"config.model.kind={self.kind!r}: use 'kl' or 'vq'.")
         if config.loss.disc_loss not in losses.D_LOSSES:
-            raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}: use one of "
-                             f"{sorted(losses.D_LOSSES)}.")
+            raise ConfigError(f"config.loss.disc_loss={config.loss.disc_loss!r}: use one of "
+                              f"{sorted(losses.D_LOSSES)}.")
         self.dtype = compute_dtype(config.dtype)
         self.model = ae_models.make_first_stage(config.model, self.dtype)
         self.disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
@@ -46,10 +64,6 @@ class AutoencoderTask:
         self.disc_tx, _ = make_optimizer(
             config.optimizer, global_batch_size=config.batch_size, total_steps=config.total_steps,
             multiplier=config.optimizer.disc_lr_mult)
-        size = config.data.image_size
-        if size != config.model.resolution:
-            raise ValueError(f"config.data.image_size={size} differs from config.model.resolution="
-                             f"{config.model.resolution}; set both to the training image size.")
 
     @staticmethod
     def _load_lpips(config):
@@ -72,16 +86,13 @@ class AutoencoderTask:
         return LPIPS().apply({"params": jax.lax.stop_gradient(constants["lpips"])}, x, y)
 
     # ----------------------------------------------------------------------------- state
-    def phases(self) -> tuple[str, ...]:
-        return ("rec", "gan")
-
     def phase_for_step(self, step: int) -> str:
         """'gan' from the step the reference's adopt_weight switches the discriminator on."""
         return "gan" if step >= self.config.loss.disc_start else "rec"
 
-    def init_state(self, rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
+    def init_state(self, rng: jax.Array, input_shape: tuple[int, ...]) -> TrainState:
         """Fresh parameters and optimiser states (call under jit with output shardings)."""
-        example_images = jnp.zeros(image_shape, jnp.float32)
+        example_images = jnp.zeros(input_shape, jnp.float32)
         k_model, k_sample, k_disc, k_state = jax.random.split(rng, 4)
         variables = self.model.init({"params": k_model, "sample": k_sample, "dropout": k_sample},
                                     example_images)

@@ -9,18 +9,20 @@ through the frozen first stage.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.config.loading import ConfigError
 from ldm_jax.diffusion import ema as ema_lib
 from ldm_jax.diffusion import losses as diffusion_losses
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.schedules import DiffusionSchedule
 from ldm_jax.models.unet import UNetModel
-from ldm_jax.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
+from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
                                  global_norm, make_optimizer)
 
 
@@ -35,7 +37,7 @@ def make_unet(model_cfg, dtype=jnp.float32) -> UNetModel:
         use_scale_shift_norm=model_cfg.use_scale_shift_norm, resblock_updown=model_cfg.resblock_updown,
         use_spatial_transformer=model_cfg.use_spatial_transformer,
         transformer_depth=model_cfg.transformer_depth, context_dim=model_cfg.context_dim or None,
-        use_linear_in_transformer=model_cfg.get("use_linear_in_transformer", False),
+        use_linear_in_transformer=model_cfg.use_linear_in_transformer,
         num_classes=model_cfg.num_classes or None, attention_impl=model_cfg.attention_impl,
         dtype=dtype)
 
@@ -57,43 +59,102 @@ def make_sampler(config, schedule, *, name=None, num_steps=None, eta=None):
 
 
 class LatentContext:
-    """What stage 2 knows about its latents: shape, key, scale factor and the first stage."""
+    """What stage 2 knows about its latents: shape, batch key, scale factor, the first stage
+    that decodes them and the class names of their labels."""
+
+    def __init__(self, *, latent_shape, kind: str, scale_factor: float, first_stage=None,
+                 class_names=(), num_classes: int = 0):
+        self.latent_shape = tuple(int(d) for d in latent_shape)
+        self.kind = kind  # 'kl' | 'vq' | 'synthetic'
+        self.key = "moments" if kind == "kl" else "latent"
+        self.scale_factor = float(scale_factor)
+        self.first_stage = first_stage
+        self.class_names = tuple(class_names)
+        self.num_classes = int(num_classes)  # label classes in the data (0: no labels)
 
     @classmethod
     def from_bundle(cls, bundle) -> "LatentContext":
         """The latent context of an inference bundle (no data set is read)."""
-        self = cls.__new__(cls)
-        self.latent_shape = tuple(bundle.config.data.latent_shape)
-        self.first_stage = bundle.first_stage
-        self.scale_factor = float(bundle.scale_factor)
-        self.kind = "synthetic" if bundle.first_stage is None else bundle.first_stage.kind
-        self.key = "moments" if self.kind == "kl" else "latent"
-        return self
+        config = bundle.config
+        classes = config.model.num_classes - 1 if config.conditioning.kind == "class" else 0
+        return cls(latent_shape=config.data.latent_shape,
+                   kind="synthetic" if bundle.first_stage is None else bundle.first_stage.kind,
+                   scale_factor=bundle.scale_factor, first_stage=bundle.first_stage,
+                   class_names=config.conditioning.class_names, num_classes=classes)
 
-    def __init__(self, config):
+    @classmethod
+    def from_config(cls, config) -> "LatentContext":
+        """From the precomputed latents' metadata (and the first stage it names), or the
+        synthetic latents' config."""
         data_cfg = config.data
-        self.latent_shape = tuple(data_cfg.latent_shape)
-        self.first_stage = None
         if data_cfg.source == "synthetic_latents":
-            self.key, self.scale_factor, self.kind = "latent", 1.0, "synthetic"
-            return
+            if data_cfg.latent_shape is None:
+                raise ConfigError("data.source='synthetic_latents' needs data.latent_shape, e.g. "
+                                  "--config.data.latent_shape=8,8,3.")
+            return cls(latent_shape=data_cfg.latent_shape, kind="synthetic", scale_factor=1.0,
+                       num_classes=data_cfg.num_classes)
         if data_cfg.source != "latents":
-            raise ValueError(f"config.data.source={data_cfg.source!r}: stage 2 trains on "
-                             f"'latents' (from python -m ldm_jax.precompute_latents) or "
-                             f"'synthetic_latents'.")
+            raise ConfigError(f"config.data.source={data_cfg.source!r}: stage 2 trains on "
+                              f"'latents' (from python -m ldm_jax.precompute_latents) or "
+                              f"'synthetic_latents'.")
         from ldm_jax.data import latents as latents_lib
+        from ldm_jax.storage.first_stage import load_first_stage
         meta = latents_lib.read_latents_metadata(data_cfg.latents_dir)
-        self.kind = meta["kind"]
-        self.key = "moments" if self.kind == "kl" else "latent"
-        self.scale_factor = float(meta["scale_factor"])
-        if tuple(meta["latent_shape"]) != self.latent_shape:
-            raise ValueError(f"config.data.latent_shape={self.latent_shape} but the latents in "
-                             f"{data_cfg.latents_dir} have shape {tuple(meta['latent_shape'])}; set "
-                             f"--config.data.latent_shape={','.join(map(str, meta['latent_shape']))}.")
-        from ldm_jax.first_stage import load_first_stage
         workdir = config.first_stage.workdir or meta["first_stage"]["workdir"]
-        self.first_stage = load_first_stage(workdir)
-        latents_lib.check_first_stage_matches(meta, self.first_stage.identity)
+        first_stage = load_first_stage(workdir)
+        latents_lib.check_first_stage_matches(meta, first_stage.identity)
+        label_key = data_cfg.label_key
+        names = meta.get("class_names", {}).get(label_key, []) if label_key else []
+        count = meta.get("num_classes", {}).get(label_key, len(names)) if label_key else 0
+        return cls(latent_shape=meta["latent_shape"], kind=meta["kind"],
+                   scale_factor=meta["scale_factor"], first_stage=first_stage,
+                   class_names=names, num_classes=count)
+
+
+def _check_or_fill(config, field: str, value, known: str, fix: str) -> None:
+    """config.<field> = value when unset (None or 0); a ConfigError when it is set otherwise."""
+    group, name = field.split(".")
+    current = config[group][name]
+    if current is None or current == 0 or current == ():
+        config[group][name] = value
+    elif (tuple(current) if isinstance(current, (tuple, list)) else current) != value:
+        raise ConfigError(f"config.{field}={current} but {known} {value}; {fix}")
+
+
+def resolve_config(config, latents: LatentContext):
+    """A copy of `config` with what the latents determine filled in (when unset) or checked
+    (when set): data.latent_shape, model.in/out_channels, model.num_classes (K classes + the
+    null label) and conditioning.class_names."""
+    config = copy.deepcopy(config)
+    shape, channels = latents.latent_shape, latents.latent_shape[-1]
+    unset = "set it to None to take it from the data"
+    _check_or_fill(config, "data.latent_shape", shape, "the latents have shape",
+                   f"{unset}, or point data.latents_dir at other latents.")
+    _check_or_fill(config, "model.in_channels", channels, "the latents have channels", unset + ".")
+    _check_or_fill(config, "model.out_channels", channels, "the latents have channels", unset + ".")
+    halvings = len(config.model.channel_mult) - 1
+    if shape[0] % 2**halvings or shape[1] % 2**halvings:
+        raise ConfigError(
+            f"the latents are {shape[0]}x{shape[1]} but the UNet (config.model.channel_mult="
+            f"{tuple(config.model.channel_mult)}) halves them {halvings} times, so their size must "
+            f"be divisible by {2**halvings}: precompute from an image size divisible by "
+            f"{2**halvings} x the first stage's f, or use fewer levels.")
+    kind = config.conditioning.kind
+    if kind not in ("none", "class"):
+        raise ConfigError(f"config.conditioning.kind={kind!r}: use 'none' or 'class'.")
+    if kind == "class":
+        if latents.num_classes < 1:
+            raise ConfigError(
+                f"config.conditioning.kind='class' needs class labels, but the data has none "
+                f"under config.data.label_key={config.data.label_key!r} (an image folder needs "
+                f"class sub-folders, a TFDS set a ClassLabel feature); use conditioning.kind="
+                f"'none' or set data.label_key to the label feature and precompute again.")
+        _check_or_fill(config, "model.num_classes", latents.num_classes + 1,
+                       f"the data has {latents.num_classes} classes, so it should be",
+                       f"(K + 1: the last id is the null label for guidance); set "
+                       f"--config.model.num_classes={latents.num_classes + 1} or 0 to derive it.")
+        config.conditioning.class_names = tuple(latents.class_names)
+    return config
 
 
 class DiffusionTask:
@@ -102,12 +163,10 @@ class DiffusionTask:
     name = "diffusion"
 
     def __init__(self, config, latents: LatentContext | None = None):
-        self.config = config
+        self.latents = LatentContext.from_config(config) if latents is None else latents
+        config = self.config = resolve_config(config, self.latents)
+        self.input_key = self.latents.key
         self.dtype = compute_dtype(config.dtype)
-        self.latents = LatentContext(config) if latents is None else latents
-        if config.model.in_channels != self.latents.latent_shape[-1]:
-            raise ValueError(f"config.model.in_channels={config.model.in_channels} differs from "
-                             f"the latent channels {self.latents.latent_shape[-1]}.")
         self.model = make_unet(config.model, self.dtype)
         self.schedule = make_schedule(config.diffusion)
         gamma = config.diffusion.min_snr_gamma or None
@@ -115,19 +174,10 @@ class DiffusionTask:
             self.schedule, config.diffusion.parameterization, config.diffusion.loss_type, gamma)
         self.tx, self.lr = make_optimizer(config.optimizer, global_batch_size=config.batch_size,
                                           total_steps=config.total_steps)
-        kind = config.conditioning.kind
-        if kind not in ("none", "class"):
-            raise ValueError(f"config.conditioning.kind={kind!r}: use 'none' or 'class'.")
-        if kind == "class" and config.model.num_classes < 2:
-            raise ValueError("config.conditioning.kind='class' needs config.model.num_classes = "
-                             "number of classes + 1 (the last id is the null label for guidance).")
-        self.class_conditional = kind == "class"
+        self.class_conditional = config.conditioning.kind == "class"
         self.null_label = config.model.num_classes - 1 if self.class_conditional else None
 
     # ----------------------------------------------------------------------------- state
-    def phases(self) -> tuple[str, ...]:
-        return ("main",)
-
     def phase_for_step(self, step: int) -> str:
         return "main"
 
@@ -135,7 +185,7 @@ class DiffusionTask:
         fs = self.latents.first_stage
         return {} if fs is None else {"first_stage": fs.params}
 
-    def init_state(self, rng: jax.Array, image_shape=None) -> TrainState:
+    def init_state(self, rng: jax.Array, input_shape=None) -> TrainState:
         k_params, k_state = jax.random.split(rng)
         x = jnp.zeros((1,) + self.latents.latent_shape, jnp.float32)
         y = jnp.zeros((1,), jnp.int32) if self.class_conditional else None

@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax import checkpointing, config_lib
+from ldm_jax import UserError
+from ldm_jax.config import loading as config_lib
 from ldm_jax.models import autoencoder as ae_models
+from ldm_jax.storage import run_dir
 
 
-class FirstStageError(ValueError):
+class FirstStageError(UserError, ValueError):
     """The first-stage run directory is missing, incomplete or not an autoencoder run."""
 
 
@@ -74,22 +76,20 @@ def model_config_hash(model_cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_first_stage(workdir: str, step: int | None = None, dtype=jnp.float32) -> FirstStage:
+def load_first_stage(workdir: str, step: int | None = None, dtype=jnp.float32, *,
+                     flag: str = "--first_stage") -> FirstStage:
     """Loads the generator parameters of an autoencoder run (latest checkpoint by default)."""
-    config_path = os.path.join(workdir, "config.json")
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isfile(config_path) or not os.path.isdir(ckpt_dir):
+    if not os.path.isfile(run_dir.config_path(workdir)) or not os.path.isdir(
+            run_dir.checkpoint_dir(workdir)):
         raise FirstStageError(
-            f"--first_stage={workdir}: no first-stage run there (expected {config_path} and "
-            f"{ckpt_dir}/); train one with python -m ldm_jax.train "
+            f"{flag}={workdir}: no first-stage run there (expected {run_dir.config_path(workdir)} "
+            f"and {run_dir.checkpoint_dir(workdir)}/); train one with python -m ldm_jax.train "
             f"--config=configs/autoencoder_*.py --workdir={workdir}.")
-    with open(config_path) as f:
-        config = config_lib.config_from_json(json.load(f))
-    if config.get("stage") != "autoencoder":
-        raise FirstStageError(f"--first_stage={workdir} is a {config.get('stage')!r} run, not an "
+    config = run_dir.read_config(workdir, flag=flag)
+    if config.stage != "autoencoder":
+        raise FirstStageError(f"{flag}={workdir} is a {config.stage!r} run, not an "
                               f"autoencoder run.")
-    state, step = checkpointing.restore_raw_state(workdir, step)
-    params = state["params"]["generator"]["model"]
+    params, step = run_dir.first_stage_weights(workdir, step=step, flag=flag)
     params = jax.tree_util.tree_map(np.asarray, params)
     model_cfg = config.model
     model = ae_models.make_first_stage(model_cfg, dtype)
@@ -107,12 +107,12 @@ def save_first_stage_run(workdir: str, config, params) -> None:
     `load_first_stage(workdir)` reads it like any trained run. It is not resumable as training
     (there is no optimiser state or discriminator).
     """
-    if config.get("stage") != "autoencoder":
+    if config.stage != "autoencoder":
         raise FirstStageError(f"save_first_stage_run: config.stage must be 'autoencoder', got "
                               f"{config.get('stage')!r}.")
     if os.path.exists(os.path.join(workdir, "checkpoints")):
         raise FirstStageError(f"{workdir} already holds checkpoints; choose a new folder.")
-    from ldm_jax import config_lib
+    from ldm_jax.training import checkpointing  # the trainer's writer: resumable like any run
     os.makedirs(workdir, exist_ok=True)
     config_json = config_lib.to_json_dict(config)
     state = {"step": np.asarray(0, np.int32), "params": {"generator": {"model": params}}}
@@ -124,7 +124,4 @@ def save_first_stage_run(workdir: str, config, params) -> None:
     finally:
         checkpointer.close()
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(config_json, f, indent=2)
-        os.replace(tmp, os.path.join(workdir, "config.json"))
+        run_dir.write_config(workdir, config_json)

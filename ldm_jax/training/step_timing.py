@@ -1,10 +1,10 @@
 """Timed short training on one mesh: the measuring end of `launch/mesh_sweep.py`.
 
-  python -m ldm_jax.step_timing --config=configs/ldm_digits.py:smoke --mesh=4x2 --steps=20 \
+  python -m ldm_jax.training.step_timing --config=configs/ldm_digits.py:smoke --mesh=4x2 --steps=20 \
       --warmup=5 --per_device_batch=4 --workdir=/tmp/t --result=/tmp/t/result.json \
       [--config.key=value ...]
 
-Runs the real train loop (`ldm_jax.trainer.train_and_evaluate`: same step, shardings, input
+Runs the real train loop (`ldm_jax.training.trainer.train_and_evaluate`: same step, shardings, input
 pipeline) for warmup + steps steps on a mesh of data x fsdp devices (all the devices this
 process sees; the sweep starts one process per mesh with that many), with the global batch =
 per_device_batch x devices (weak scaling), logging every step and no eval or image steps.
@@ -21,7 +21,6 @@ Writes a JSON result:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -30,7 +29,7 @@ import tempfile
 
 import numpy as np
 
-from ldm_jax import config_lib
+from ldm_jax.config import loading as config_lib
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -42,16 +41,16 @@ def parse_mesh(text: str) -> tuple[int, int]:
     try:
         data, fsdp = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"mesh {text!r}: write DATAxFSDP, e.g. 4x2 (data=4, fsdp=2).") from None
+        raise config_lib.ConfigError(f"--mesh={text!r}: write DATAxFSDP, e.g. 4x2 (data=4, fsdp=2).") from None
     if data < 1 or fsdp < 1:
-        raise ValueError(f"mesh {text!r}: both sizes must be >= 1.")
+        raise config_lib.ConfigError(f"--mesh={text!r}: both sizes must be >= 1.")
     return data, fsdp
 
 
 def timing_config(config, *, data: int, fsdp: int, steps: int, warmup: int, per_device_batch: int):
     """The run's config set up for timing on a data x fsdp mesh (weak scaling)."""
     if steps < 1 or warmup < 0 or per_device_batch < 1:
-        raise ValueError(f"--steps={steps} must be >= 1, --warmup={warmup} >= 0 and "
+        raise config_lib.ConfigError(f"--steps={steps} must be >= 1, --warmup={warmup} >= 0 and "
                          f"--per_device_batch={per_device_batch} >= 1.")
     n = data * fsdp
     return config_lib.apply_overrides(config, [
@@ -83,7 +82,7 @@ def time_training(config, workdir: str, *, steps: int, warmup: int) -> dict:
             compile_s[kwargs.get("fun_name", "?")] += duration
 
     jax.monitoring.register_event_duration_secs_listener(listener)
-    from ldm_jax.trainer import train_and_evaluate
+    from ldm_jax.training.trainer import train_and_evaluate
     train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -109,10 +108,9 @@ def time_training(config, workdir: str, *, steps: int, warmup: int) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    overrides, rest = config_lib.split_config_args(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m ldm_jax.step_timing", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    from ldm_jax.cli import runner
+    parser = runner.ArgumentParser("python -m ldm_jax.training.step_timing", __doc__)
     parser.add_argument("--config", required=True, help="config file[:variant]")
     parser.add_argument("--mesh", required=True, help="DATAxFSDP, e.g. 4x2")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -120,11 +118,13 @@ def main(argv=None) -> int:
     parser.add_argument("--per_device_batch", type=int, default=4)
     parser.add_argument("--workdir", default="", help="run directory (default: a temporary one)")
     parser.add_argument("--result", required=True, help="JSON file to write the timings to")
-    args = parser.parse_args(rest)
+    return parser
 
-    from ldm_jax import cli
+
+def command(args, overrides) -> None:
+    from ldm_jax.cli import runner
     data, fsdp = parse_mesh(args.mesh)
-    config = timing_config(cli.load_config(args.config, overrides), data=data, fsdp=fsdp,
+    config = timing_config(runner.load_config(args.config, overrides), data=data, fsdp=fsdp,
                            steps=args.steps, warmup=args.warmup,
                            per_device_batch=args.per_device_batch)
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +133,11 @@ def main(argv=None) -> int:
     with open(args.result, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result), flush=True)
-    return 0
+
+
+def main(argv=None) -> int:
+    from ldm_jax.cli import runner
+    return runner.main_for(build_parser, command, argv, config_overrides=True)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 import ml_dtypes
 import numpy as np
 
+from ldm_jax import UserError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
@@ -58,11 +60,19 @@ __all__ = [
 ]
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """A pickle referenced a global outside the allowlist (nothing was executed)."""
 
 
-class UnsupportedCheckpointError(ValueError):
+class MissingWeightsError(UserError, FileNotFoundError):
+    """A weight file a config field or flag names does not exist (no downloads at run time)."""
+
+
+class WeightsConfigError(UserError, ValueError):
+    """A config field naming weight files is unset or malformed."""
+
+
+class UnsupportedCheckpointError(UserError, ValueError):
     """The file is not in a format (or uses a feature) this reader supports."""
 
 
@@ -375,7 +385,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _check_file(path: PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"Weight file not found: '{path}' (absolute: '{os.path.abspath(path)}').")
     return path
 

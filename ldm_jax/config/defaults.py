@@ -1,7 +1,12 @@
 """Shared defaults for the `configs/*.py` files (each file states its own architecture numbers).
 
 Every field a run can use is defined here with its default, so `--config.x=y` can override any of
-them and an unknown key is an error. Numbers follow DESIGN.md §2 (CompVis/latent-diffusion).
+them and an unknown key is an error. Library code reads fields, never `cfg.get(key, default)`:
+this file is the one source of defaults. Architecture numbers follow the paper's released
+configs (CompVis/latent-diffusion); docs/architecture.md explains the groups.
+
+`complete(config_json)` fills fields added since a run's config.json was saved, the one place
+old run directories and bundles are brought up to date.
 """
 
 from __future__ import annotations
@@ -55,11 +60,25 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     d.train_split = "train"
     d.eval_split = "test"
     d.image_key = "image"
+    # Integer class ids for class-conditional models; None (or a data set without this feature)
+    # gives no labels. Image folders with class sub-folders label them 0..K-1 by sorted name.
     d.label_key = "label"
     d.random_crop = False
     d.random_flip = False
-    d.num_threads = 2
-    d.prefetch = 4
+    # A source with only one split (CelebA-HQ in TFDS, a flat folder) holds out this percent
+    # of it as eval_split, deterministically (docs/own_images.md).
+    d.holdout_percent = 5
+    # Unreadable or truncated image files are skipped with a warning; more than this fraction
+    # of a split stops the run.
+    d.max_unreadable_fraction = 0.01
+    d.num_threads = 2  # reader threads (0 or 1: read in the calling thread).
+    d.prefetch = 4  # batches read ahead per iterator.
+    # source='latents': the --output directory of python -m ldm_jax.precompute_latents.
+    d.latents_dir = ""
+    # Latent [h, w, C]: None = from the latents' metadata (checked against it when set); the
+    # shape of source='synthetic_latents'.
+    d.latent_shape = ml_collections.config_dict.placeholder(tuple)
+    d.num_classes = 0  # source='synthetic_latents' only: labels in [0, num_classes).
     d.update(overrides)
     return d
 
@@ -67,13 +86,13 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
                        attn_resolutions=(), n_embed: int = 0, resolution: int = 256,
                        ) -> ml_collections.ConfigDict:
-    """A first-stage config with DESIGN.md §2 defaults for the given architecture."""
+    """A first-stage config with the paper's defaults for the given architecture (docs/architecture.md)."""
     c = base_config()
     c.stage = "autoencoder"
     c.batch_size = 12
     c.data = data_config(source="tfds", name="imagenet2012", image_size=resolution,
                          train_split="train", eval_split="validation", random_crop=True,
-                         random_flip=False, label_key=ml_collections.config_dict.placeholder(str))
+                         random_flip=False)
 
     m = c.model = ml_collections.ConfigDict()
     m.kind = kind
@@ -81,7 +100,9 @@ def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
     m.ch_mult = tuple(ch_mult)
     m.num_res_blocks = 2
     m.attn_resolutions = tuple(attn_resolutions)
-    m.resolution = resolution
+    # The nominal input size attn_resolutions refer to; None = data.image_size (checked
+    # against it when set).
+    m.resolution = ml_collections.config_dict.placeholder(int)
     m.in_channels = 3
     m.out_ch = 3
     m.z_channels = z_channels
@@ -115,7 +136,7 @@ def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
     l.kl_weight = 1e-6
     l.codebook_weight = 1.0
     l.logvar_init = 0.0
-    # The reference never passes logvar to its optimiser; True trains it as DESIGN.md describes.
+    # The reference never passes logvar to its optimiser; True trains it as the paper describes.
     l.learn_logvar = True
     l.disc_start = 50_001 if kind == "kl" else 250_001
     l.disc_weight = 0.5 if kind == "kl" else 0.75
@@ -140,7 +161,6 @@ def smoke_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     c.model.ch = 16
     c.model.norm_groups = 8
     c.model.num_res_blocks = 1
-    c.model.resolution = size
     # Keep attention where the architecture has it, at the resolutions this small size reaches.
     levels = [size // 2**i for i in range(len(c.model.ch_mult))]
     if c.model.attn_resolutions:
@@ -162,10 +182,15 @@ def smoke_autoencoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return c
 
 
-def diffusion_config(*, first_stage_kind: str, latent_shape, model_channels: int, channel_mult,
+def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult,
                      attention_resolutions, num_heads: int = -1, num_head_channels: int = -1,
                      ) -> ml_collections.ConfigDict:
-    """A latent-diffusion (stage 2) config with DESIGN.md §3 defaults."""
+    """A latent-diffusion (stage 2) config with the paper's defaults.
+
+    The latent shape, the UNet's input channels and the class count are not architecture
+    numbers: they come from the precomputed latents (their metadata) unless a config sets them,
+    in which case they are checked against it (ldm_jax/tasks/diffusion.py:resolve_config).
+    """
     c = base_config()
     c.stage = "diffusion"
     c.batch_size = 48
@@ -175,27 +200,24 @@ def diffusion_config(*, first_stage_kind: str, latent_shape, model_channels: int
     c.image_every_steps = 5_000
 
     # Images the first stage encodes (python -m ldm_jax.precompute_latents reads this group).
+    # Its train and eval splits become the latents' data.train_split / data.eval_split; a source
+    # with one split gets a held-out slice (data.holdout_percent).
     c.source_data = data_config(source="tfds", name="celeb_a_hq/256", image_size=256,
-                                train_split="train", eval_split="train",
-                                label_key=ml_collections.config_dict.placeholder(str))
+                                train_split="train", eval_split="test")
     c.latents = ml_collections.ConfigDict()
     c.latents.scale_factor = 1.0 if first_stage_kind == "vq" else -1.0  # <= 0: scale_by_std.
     c.latents.scale_num_examples = 1024
     c.latents.seed = 0
 
     # What stage 2 trains on: the precomputed latents ('synthetic_latents' for smoke runs).
-    c.data = data_config(source="latents", label_key=ml_collections.config_dict.placeholder(str))
-    c.data.latents_dir = ""
-    c.data.latent_shape = tuple(latent_shape)  # checked against the latents' metadata.
-    c.data.num_classes = 0  # synthetic_latents only: labels in [0, num_classes).
+    c.data = data_config(source="latents")
 
     # The frozen autoencoder that decodes samples; '' = the one recorded in the latents' metadata.
     c.first_stage = ml_collections.ConfigDict({"workdir": ""})
 
     m = c.model = ml_collections.ConfigDict()
-    h, w, ch = latent_shape
-    m.in_channels = ch
-    m.out_channels = ch
+    m.in_channels = 0  # 0 = the latents' channels.
+    m.out_channels = 0  # 0 = the latents' channels.
     m.model_channels = model_channels
     m.num_res_blocks = 2
     m.attention_resolutions = tuple(attention_resolutions)
@@ -209,7 +231,9 @@ def diffusion_config(*, first_stage_kind: str, latent_shape, model_channels: int
     m.transformer_depth = 1
     m.use_linear_in_transformer = False  # SpatialTransformer proj_in/out as Linear (SD 2.x).
     m.context_dim = 0  # 0 = no context.
-    m.num_classes = 0  # 0 = no class embedding.
+    # Class embedding size: classes + 1 (the null label for guidance); 0 = no embedding, or
+    # derived from the data when conditioning.kind='class'.
+    m.num_classes = 0
     m.attention_impl = ml_collections.config_dict.placeholder(str)  # None | 'xla' | 'cudnn'.
 
     d = c.diffusion = ml_collections.ConfigDict()
@@ -225,6 +249,9 @@ def diffusion_config(*, first_stage_kind: str, latent_shape, model_channels: int
     cond = c.conditioning = ml_collections.ConfigDict()
     cond.kind = "none"  # 'none' or 'class'.
     cond.p_uncond = 0.0  # probability of dropping the condition in training (for guidance).
+    # Names of the class ids (from the data: folder names, TFDS ClassLabel); filled in by the
+    # task and saved with the run, so `sample --labels` takes names.
+    cond.class_names = ()
 
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "use_warmup": True})
 
@@ -251,12 +278,10 @@ def diffusion_config(*, first_stage_kind: str, latent_shape, model_channels: int
     return c
 
 
-def smoke_diffusion(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A tiny real stage-2 run on synthetic latents (< 3 min on 2 CPU cores)."""
-    h, w, ch = c.data.latent_shape
-    c.data = data_config(source="synthetic_latents", label_key=c.data.label_key)
-    c.data.latents_dir = ""
-    c.data.latent_shape = (8, 8, ch)
+def smoke_diffusion(c: ml_collections.ConfigDict, latent_channels: int) -> ml_collections.ConfigDict:
+    """A tiny real stage-2 run on synthetic 8x8 latents (< 3 min on 2 CPU cores)."""
+    c.data = data_config(source="synthetic_latents", label_key=c.data.label_key,
+                         latent_shape=(8, 8, latent_channels))
     c.data.num_classes = max(int(c.model.num_classes) - 1, 0)
     c.model.model_channels = 32
     c.model.num_res_blocks = 1
@@ -275,3 +300,39 @@ def smoke_diffusion(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.sampling.num_steps = 10
     c.optimizer.base_learning_rate = 1e-3 / 8
     return c
+
+
+# ------------------------------------------------------------------ saved configs (config.json)
+
+
+def _stage_defaults(saved: dict) -> dict | None:
+    """Today's full default config for the stage a saved config trained (architecture numbers
+    are placeholders: every saved config has them)."""
+    stage = saved.get("stage")
+    if stage == "autoencoder":
+        kind = saved.get("model", {}).get("kind", "kl")
+        return autoencoder_config(kind=kind, ch_mult=(1,), z_channels=1, embed_dim=1).to_dict()
+    if stage == "diffusion":
+        reference = diffusion_config(first_stage_kind="kl", model_channels=1, channel_mult=(1,),
+                                     attention_resolutions=())
+        return reference.to_dict()
+    return None
+
+
+def _fill_missing(saved: dict, reference: dict) -> None:
+    for key, value in reference.items():
+        if key not in saved:
+            saved[key] = value
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            _fill_missing(saved[key], value)
+
+
+def complete(saved: dict) -> dict:
+    """A saved config (a plain dict from config.json or bundle.json) with every field added to
+    the defaults since it was written filled in with its default; saved values win. The one
+    place old run directories and bundles are brought up to date, so library code can read any
+    field of any run's config."""
+    reference = _stage_defaults(saved)
+    if reference is not None:
+        _fill_missing(saved, reference)
+    return saved

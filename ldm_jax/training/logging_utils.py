@@ -15,7 +15,6 @@ from typing import Mapping
 
 import jax
 import numpy as np
-from PIL import Image
 
 
 def _is_writer_process() -> bool:
@@ -101,38 +100,3 @@ class ProgressLogger:
                   f"{timing['images_per_sec']:.1f} img/s | {step_time:.3f} s/step | ETA {eta}",
                   file=self.stream, flush=True)
         return timing
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] float images -> uint8 [0, 255]."""
-    images = np.asarray(images, dtype=np.float32)
-    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def make_grid(images_uint8: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tiles [N, H, W, C] uint8 images into one [rows*(H+pad)+pad, ..., C] image."""
-    images_uint8 = np.asarray(images_uint8)
-    if images_uint8.ndim != 4:
-        raise ValueError(f"make_grid expects [N, H, W, C] images, got shape {images_uint8.shape}.")
-    n, h, w, c = images_uint8.shape
-    ncols = ncols or int(math.ceil(math.sqrt(n)))
-    nrows = int(math.ceil(n / ncols))
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(n):
-        r, col = divmod(i, ncols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
-             pad + col * (w + pad): pad + col * (w + pad) + w] = images_uint8[i]
-    return grid
-
-
-def save_png(image_uint8: np.ndarray, path: str, upscale: int = 1) -> None:
-    """Writes an HWC uint8 image as PNG (atomically, nearest-neighbour upscaled for small images)."""
-    if not _is_writer_process():
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img = Image.fromarray(image_uint8.squeeze(-1) if image_uint8.shape[-1] == 1 else image_uint8)
-    if upscale > 1:
-        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    tmp = path + ".tmp"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)

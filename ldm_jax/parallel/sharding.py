@@ -13,13 +13,16 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax import UserError
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """The mesh does not fit the devices, or the batch does not divide over the mesh."""
 
 
@@ -162,3 +165,30 @@ def bytes_on_device(tree: Any, device: jax.Device | None = None) -> int:
         if isinstance(leaf, jax.Array):
             total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
     return total
+
+
+# ----------------------------------------------------------------------- host <-> global arrays
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy, the whole array on every process (gathered across hosts where
+    an array spans devices of other processes; a plain copy otherwise)."""
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree_util.tree_map(fetch, tree)
+
+
+def put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Host values that are the same on every process -> global arrays with `sharding`.
+    Unlike jax.device_put, also valid for shardings spanning devices of other processes."""
+    def put(value):
+        value = np.asarray(jax.device_get(value))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.tree_util.tree_map(put, tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """`put_global` replicated over the whole mesh (parameters for inference)."""
+    return put_global(tree, replicated(mesh))

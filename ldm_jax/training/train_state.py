@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax.config.loading import ConfigError
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -43,7 +45,7 @@ def learning_rate_schedule(opt_cfg, *, global_batch_size: int, total_steps: int,
     elif opt_cfg.schedule == "cosine":
         after = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
     else:
-        raise ValueError(f"config.optimizer.schedule={opt_cfg.schedule!r}: use 'constant' or 'cosine'.")
+        raise ConfigError(f"config.optimizer.schedule={opt_cfg.schedule!r}: use 'constant' or 'cosine'.")
     if warmup <= 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -61,7 +63,7 @@ def make_optimizer(opt_cfg, *, global_batch_size: int, total_steps: int,
         core = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                            weight_decay=opt_cfg.weight_decay)
     else:
-        raise ValueError(f"config.optimizer.name={name!r}: use 'adam' or 'adamw'.")
+        raise ConfigError(f"config.optimizer.name={name!r}: use 'adam' or 'adamw'.")
     parts = []
     if opt_cfg.grad_clip_norm and opt_cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
@@ -93,4 +95,4 @@ def compute_dtype(name: str):
         return jnp.float32
     if name == "bfloat16":
         return jnp.bfloat16
-    raise ValueError(f"config.dtype={name!r}: use 'float32' or 'bfloat16'.")
+    raise ConfigError(f"config.dtype={name!r}: use 'float32' or 'bfloat16'.")

@@ -8,6 +8,7 @@ names the key and the fix, and is used by every command line entry point.
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import importlib.util
 import json
@@ -15,6 +16,9 @@ import os
 from typing import Any, Iterable, Sequence
 
 import ml_collections
+
+from ldm_jax import UserError
+from ldm_jax.config import defaults
 
 # Fields every training config carries: tools (launchers, mesh sweeps) rely on these names.
 COMMON_FIELDS = (
@@ -33,7 +37,11 @@ COMMON_FIELDS = (
 )
 
 
-class ConfigError(ValueError):
+# `--config.x=None` (or null) sets an optional field (a string, tuple or unset field) to None.
+NONE_SPELLINGS = ("None", "none", "null")
+
+
+class ConfigError(UserError, ValueError):
     """A config file, variant or override is wrong; the message says what and how to fix it."""
 
 
@@ -72,6 +80,9 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 def _parse_value(key: str, raw: str, current: Any) -> Any:
     """Parses `raw` into the type of the field's current value, with a clear error."""
+    if raw.strip() in NONE_SPELLINGS and (current is None or isinstance(current, (str, tuple, list))):
+        return None  # optional fields (keys, paths, implementations): None switches them off.
+
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"--config.{key}={raw}: expected {expected} (the field's current value is "
                            f"{current!r}); fix the value on the command line.")
@@ -108,8 +119,8 @@ def _parse_value(key: str, raw: str, current: Any) -> Any:
             value = (value,)
         return tuple(value)
     if current is None:
-        # Optional fields: a Python literal if it parses, else the string; "none" clears.
-        if raw.strip().lower() in ("none", "null", ""):
+        # Optional fields: a Python literal if it parses, else the string; "" clears.
+        if not raw.strip():
             return None
         try:
             return ast.literal_eval(raw)
@@ -186,16 +197,19 @@ def to_json_dict(config: ml_collections.ConfigDict) -> dict:
 
 # Fields the models and the pipeline take as tuples; JSON stores them as lists.
 _TUPLE_FIELDS = {"model": ("ch_mult", "attn_resolutions", "attention_resolutions", "channel_mult"),
-                 "data": ("latent_shape",)}
+                 "data": ("latent_shape",), "source_data": ("latent_shape",),
+                 "conditioning": ("class_names",)}
 
 
 def config_from_json(config_json: dict) -> ml_collections.ConfigDict:
-    """The inverse of `to_json_dict`: a ConfigDict with its tuple fields as tuples again.
+    """The inverse of `to_json_dict`: a ConfigDict with its tuple fields as tuples again, and
+    with every field added to the defaults since the config was saved filled in (the one place
+    old run directories and bundles are brought up to date; see `defaults.complete`).
 
     The tuples are restored in the plain dict, before the ConfigDict exists: a ConfigDict keeps
     a field's first type, so assigning a tuple to a field that was built as a list leaves a list.
     """
-    config_json = json.loads(json.dumps(config_json))
+    config_json = defaults.complete(json.loads(json.dumps(config_json)))
     for group, keys in _TUPLE_FIELDS.items():
         fields = config_json.get(group)
         if isinstance(fields, dict):
@@ -203,3 +217,32 @@ def config_from_json(config_json: dict) -> ml_collections.ConfigDict:
                 if isinstance(fields.get(key), list):
                     fields[key] = tuple(fields[key])
     return ml_collections.ConfigDict(config_json)
+
+
+# Groups a trained model's saved config may change when it is sampled or evaluated.
+INFERENCE_OVERRIDABLE = ("mesh", "sampling")
+
+
+def check_inference_overrides(overrides: Iterable[str]) -> None:
+    """Raises ConfigError unless every override is in INFERENCE_OVERRIDABLE (checked before a
+    run is loaded, so the mistake is reported first)."""
+    for item in overrides:
+        group = item.split("=", 1)[0].split(".", 1)[0]
+        if group not in INFERENCE_OVERRIDABLE:
+            raise ConfigError(
+                f"--config.{item}: a trained model's config is fixed; only "
+                f"{', '.join(g + '.*' for g in INFERENCE_OVERRIDABLE)} can be set here (e.g. "
+                f"--config.mesh.fsdp=2, --config.sampling.num_steps=100).")
+
+
+def apply_inference_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]
+                              ) -> ml_collections.ConfigDict:
+    """`--config.key=value` for commands that use a trained model (sample, evaluate): only the
+    mesh and the sampling settings may change; the model is what was trained. The mesh starts
+    from the default (data parallel over every device here), not from the training run's: a
+    run trained on a pod must sample on a laptop."""
+    overrides = list(overrides)
+    check_inference_overrides(overrides)
+    config = copy.deepcopy(config)  # the caller's config stays as saved
+    config.mesh = defaults.base_config().mesh
+    return apply_overrides(config, overrides)

@@ -12,15 +12,14 @@ error; the loop never silently starts over.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from ldm_jax import __version__
+from ldm_jax import UserError, __version__
+from ldm_jax.storage import run_dir
 
 # Config fields that change the meaning of the saved parameters: a resumed run must match them.
 _MODEL_DEFINING_FIELDS = ("stage", "model")
@@ -37,7 +36,7 @@ def _describe_difference(name: str, saved: Any, now: Any) -> str:
     return "; ".join(parts)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint exists but cannot be used; the message says which and what to do."""
 
 
@@ -45,7 +44,7 @@ class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` for one workdir."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = run_dir.checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -122,35 +121,3 @@ def make_meta(*, data_step: int, config_json: dict, extra: dict | None = None) -
             "process_count": jax.process_count(), "device_count": jax.device_count()}
     meta.update(extra or {})
     return meta
-
-
-def restore_raw_state(workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """The saved train state of a run as nested dicts of numpy arrays (for inference tools).
-
-    Reads without a target structure, so it needs neither the task nor the training mesh.
-    """
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"--workdir={workdir}: no checkpoints in {directory}; train first "
-                              f"with python -m ldm_jax.train --workdir={workdir}.")
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"--workdir={workdir}: the run has no finished checkpoint yet.")
-        try:
-            # Restore every array onto this host's first device, whatever mesh wrote it (a run
-            # trained on 8 GPUs or several hosts is read on 1 device here).
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            target = jax.tree_util.tree_map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                manager.item_metadata(int(step))["state"])
-            restored = manager.restore(int(step), args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))
-        except Exception as e:  # orbax raises many types; all mean "unreadable".
-            raise CheckpointError(f"checkpoint {directory}/{step} is unreadable "
-                                  f"({type(e).__name__}: {e}).") from e
-    state = restored["state"]
-    if not isinstance(state, dict):
-        state = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    return state, int(step)

@@ -30,15 +30,16 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ldm_jax import __version__, config_lib
+from ldm_jax import UserError, __version__
+from ldm_jax.config import loading as config_lib
 
-FORMAT = "ldm_jax.bundle"
+FORMAT = "ldm_jax.storage.bundle"
 VERSION = 1
 _JSON = "bundle.json"
 _PARAMS = "params"
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A folder is not a (readable) bundle, or a bundle cannot be written there."""
 
 
@@ -49,7 +50,7 @@ class Bundle:
     directory: str
     config: ml_collections.ConfigDict
     unet_params: Any
-    first_stage: Optional[Any]  # ldm_jax.first_stage.FirstStage, or None (latents shown as images)
+    first_stage: Optional[Any]  # ldm_jax.storage.first_stage.FirstStage, or None (latents shown as images)
     scale_factor: float
     source: dict
 
@@ -77,7 +78,7 @@ def _check_stage2_config(config) -> None:
     for key in ("model", "diffusion", "conditioning", "sampling", "data"):
         if key not in config:
             raise BundleError(f"save_bundle: the stage-2 config has no '{key}' group; build it "
-                              f"with ldm_jax.config_defaults.diffusion_config(...).")
+                              f"with ldm_jax.config.defaults.diffusion_config(...).")
 
 
 def save_bundle(directory: str, *, config, unet_params, first_stage_config=None,
@@ -195,7 +196,7 @@ def load_bundle(directory: str) -> Bundle:
 
 
 def _first_stage_from(config_json: dict, params, directory: str):
-    from ldm_jax import first_stage as first_stage_lib
+    from ldm_jax.storage import first_stage as first_stage_lib
     from ldm_jax.models import autoencoder as ae_models
     config = config_lib.config_from_json(config_json)
     identity = {"bundle": directory, "model_config_hash": first_stage_lib.model_config_hash(config.model),

@@ -1,4 +1,4 @@
-"""First-stage losses (DESIGN.md §2): reconstruction NLL, KL / codebook terms, PatchGAN terms,
+"""First-stage losses (the paper's first stage; docs/architecture.md): reconstruction NLL, KL / codebook terms, PatchGAN terms,
 and the adaptive discriminator weight. Pure functions of arrays; the task wires them together.
 """
 

@@ -32,13 +32,15 @@ import os
 import re
 from typing import Callable, Mapping
 
+from ldm_jax import UserError
+
 ENV_COORDINATOR = "LDM_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "LDM_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "LDM_JAX_PROCESS_ID"
 _OMPI_URI = "OMPI_MCA_orte_hnp_uri"  # set only under mpirun / mpiexec (as jax checks).
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError, ValueError):
     """The multi-host settings are incomplete or inconsistent; the message names the fix."""
 
 

@@ -1,0 +1,536 @@
+"""Encoding an image data set with a frozen first stage into a TFDS latents data set (the
+library half of `python -m ldm_jax.precompute_latents`).
+
+Reads the stage-2 config's `source_data` group (the images: same fields as `data`) and
+`latents` group (scale_factor, scale_num_examples, seed). By default it writes the splits stage
+2 reads, `data.train_split` and `data.eval_split`, encoded from `source_data.train_split` and
+`source_data.eval_split` (a source with one split gets a deterministic held-out slice, recorded
+in the metadata: data.holdout_percent). Every example of each split is
+center-cropped (no flip), encoded once with `FirstStage.encode_moments` under jit (batch split
+over the mesh, parameters replicated) and written UNSCALED as array_record shards of a TFDS data
+set that reads with no TensorFlow; the layout and metadata are described in
+`ldm_jax.data.latents`.
+
+Three steps, one function each: `_plan` (first stage, splits, shard layout, features),
+`_scale_factor` (fixed, or scale_by_std over the train split) and `_metadata`.
+
+Resume: a split is cut into shards of `examples_per_shard` consecutive examples. A shard is
+written to progress/tmp/, renamed into place when complete, then recorded by a
+progress/<shard>.done.json marker; rerunning the same command skips recorded shards, so a
+crash loses at most the shards in flight and the result is byte-identical to an uninterrupted
+run. progress/run.json fingerprints the first stage and the source; an OUT_DIR written with a
+different one is refused. `ldm_latents.json` is written last (atomically): without it the
+data set is incomplete.
+
+Multi-host (started like training, see docs/multihost.md; OUT_DIR and the source images on a
+file system every host sees): unfinished shards are
+dealt round-robin to the processes; in each round every host encodes its own shard (the global
+batch is the hosts' local batches side by side) and writes only it; process 0 writes the
+metadata after a barrier.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from ldm_jax.config import loading as config_lib
+from ldm_jax.data import latents as latents_lib
+from ldm_jax.data import latents_writer, pipeline, registry
+from ldm_jax.data.latents_writer import PrecomputeError
+from ldm_jax.parallel import sharding
+from ldm_jax.storage import files
+
+DEFAULT_EXAMPLES_PER_SHARD = 1024  # ~100 MB of KL-f4 moments at 256 px: TFDS's shard size.
+# Fields of source_data that decide the content of the latents (checked on resume); the rest
+# (data_dir, threads, augmentation flags that the eval path ignores) may change between runs.
+_SOURCE_IDENTITY_FIELDS = ("source", "name", "folder", "image_size", "image_key")
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _reader_cfg(source_data) -> ml_collections.ConfigDict:
+    """source_data as a `data` config for the pipeline: eval-style reads, no label check
+    (labels travel with the other conditioning fields)."""
+    cfg = copy.deepcopy(source_data)
+    cfg.random_crop = False
+    cfg.random_flip = False
+    cfg.label_key = None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+class _RangeSource:
+    """Records [start, stop) of a source, re-indexed from 0 (one shard's worth)."""
+
+    def __init__(self, source, start: int, stop: int):
+        self._source, self._start, self._len = source, start, stop - start
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict:
+        return self._source[self._start + int(i)]
+
+
+class _ShardExampleFn:
+    """(index in shard, raw example) -> {'image', 'index' (in split), 'extras' (kept fields)}."""
+
+    def __init__(self, data_cfg, keep: Sequence[str], offset: int):
+        self._image_fn = pipeline._ExampleFn(data_cfg, train=False)  # pylint: disable=protected-access
+        self._keep, self._offset = tuple(keep), offset
+
+    def __call__(self, indexed):
+        index, example = indexed
+        out = self._image_fn((index, example))
+        # 0-d arrays -> python scalars / bytes: what TFDS's ClassLabel and Text encoders take.
+        extras = {k: example[k].item() if np.ndim(example[k]) == 0 and
+                  isinstance(example[k], np.ndarray) else example[k] for k in self._keep}
+        return {"image": out["image"], "index": index + self._offset, "extras": extras}
+
+
+def _shard_batches(source, data_cfg, keep, start: int, stop: int, local_batch: int,
+                   num_batches: int, image_shape):
+    """Host-local batches of one shard: {'image', 'index', 'mask', 'extras' (list)}.
+
+    Reuses the image pipeline's eval preprocessing (center crop, no flip) and its threaded
+    reads; batches are assembled here because conditioning fields (captions, variable-length
+    boxes) cannot be stacked by grain. Padded with zero images (mask False) to `num_batches`
+    so every host runs the same number of encode steps in a round.
+    """
+    import grain
+
+    examples = iter(())
+    if stop > start:
+        ds = grain.MapDataset.source(_RangeSource(source, start, stop)).map_with_index(
+            lambda i, x: (i, x)).map(_ShardExampleFn(data_cfg, keep, start))
+        threads = int(data_cfg.num_threads)
+        options = grain.ReadOptions(num_threads=threads if threads > 1 else 0,
+                                    prefetch_buffer_size=max(int(data_cfg.prefetch), 1)
+                                    if threads > 1 else 0)
+        examples = iter(ds.to_iter_dataset(options))
+    for _ in range(num_batches):
+        rows = [e for _, e in zip(range(local_batch), examples)]
+        n = len(rows)
+        images = np.zeros((local_batch,) + tuple(image_shape), np.float32)
+        index = np.zeros((local_batch,), np.int32)
+        for j, row in enumerate(rows):
+            images[j], index[j] = row["image"], row["index"]
+        yield {"image": images, "index": index, "mask": np.arange(local_batch) < n,
+               "extras": [row["extras"] for row in rows]}
+
+
+class _Subset:
+    """The records `indices` of a source (the scale_by_std sample)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._source[int(self._indices[int(i)])]
+
+
+# --------------------------------------------------------------------------------- encoding
+
+
+def make_encode_fn(first_stage, mesh, seed: int):
+    """Jitted (params, images, index) -> (stored latents, per-example z stats [B, 2]).
+
+    Stored latents: KL moments [B,h,w,2C] / VQ pre-quantisation latents [B,h,w,C]. z is what
+    scale_by_std measures: for KL a posterior sample mean + exp(logvar/2) * eps (as LDM's
+    get_first_stage_encoding) with eps keyed by the example's split index, so the sample does
+    not depend on batching or hosts; for VQ the latent itself. Stats are the per-example mean
+    and centred sum of squares, merged in float64 on the host (Chan et al.).
+    """
+    base_key = jax.random.key(seed)
+
+    def encode(params, images, index):
+        stored = first_stage.encode_moments(params, images).astype(jnp.float32)
+        if first_stage.kind == "kl":
+            mean, logvar = jnp.split(stored, 2, axis=-1)
+            eps = jax.vmap(lambda i: jax.random.normal(
+                jax.random.fold_in(base_key, i), mean.shape[1:], jnp.float32))(index)
+            z = mean + jnp.exp(0.5 * logvar) * eps
+        else:
+            z = stored
+        flat = z.reshape(z.shape[0], -1)
+        mu = jnp.mean(flat, axis=1)
+        m2 = jnp.sum(jnp.square(flat - mu[:, None]), axis=1)
+        return stored, jnp.stack([mu, m2], axis=1)
+
+    batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(encode, in_shardings=(replicated, batch, batch), out_shardings=(batch, batch))
+
+
+def _merge_stats(stats: np.ndarray, per_example: int) -> tuple[int, float, float]:
+    """Chan's parallel merge of per-example (mean, M2) rows -> (count, mean, M2), float64."""
+    stats = np.asarray(stats, np.float64)
+    n = per_example * len(stats)
+    mean = float(np.mean(stats[:, 0]))
+    m2 = float(np.sum(stats[:, 1]) + per_example * np.sum(np.square(stats[:, 0] - mean)))
+    return n, mean, m2
+
+
+def scale_by_std(encode, params, mesh, source, data_cfg, *, num_examples: int, seed: int,
+                 global_batch: int, per_example: int) -> tuple[float, int]:
+    """1 / std(z) over a seeded random sample of `num_examples` records of `source`.
+
+    std is the unbiased (ddof=1) standard deviation over all elements, as torch's
+    `z.flatten().std()` in LDM. Returns (scale, number of examples used).
+    """
+    n = min(int(num_examples), len(source))
+    if n < 1:
+        raise PrecomputeError(f"latents.scale_num_examples={num_examples}: need at least 1.")
+    indices = np.sort(np.random.default_rng(seed).choice(len(source), n, replace=False))
+    iterator = pipeline.make_eval_iterator(data_cfg, global_batch_size=global_batch,
+                                           source=_Subset(source, indices))
+    rows = []
+    for local in iterator:
+        position = np.where(local["mask"], local["index"], 0)
+        split_index = indices[position].astype(np.int32)  # the RNG key: index in the split
+        batch = sharding.global_batch({"image": local["image"], "index": split_index,
+                                       "mask": local["mask"]}, mesh)
+        _, stats = encode(params, batch["image"], batch["index"])
+        stats, mask = sharding.to_host((stats, batch["mask"]))
+        rows.append(np.asarray(stats)[np.asarray(mask)])
+    count, _, m2 = _merge_stats(np.concatenate(rows), per_example)
+    return 1.0 / math.sqrt(m2 / (count - 1)), n
+
+
+# ------------------------------------------------------------------------------ the precompute
+
+
+def _check_config(config, first_stage) -> None:
+    for group in ("source_data", "latents"):
+        if group not in config:
+            raise PrecomputeError(
+                f"config has no `{group}` group; precompute_latents needs a stage-2 (diffusion) "
+                "config with source_data (the images) and latents (scale_factor, "
+                "scale_num_examples, seed).")
+    f = first_stage.downsampling_factor
+    size = config.source_data.image_size
+    if not isinstance(size, (int, np.integer)) or size < 1 or size % f:
+        raise PrecomputeError(
+            f"config.source_data.image_size={size!r} must be a positive multiple of the first "
+            f"stage's downsampling factor f={f} (so the latent grid is whole); e.g. "
+            f"--config.source_data.image_size={max(f, (int(size or 0) // f) * f)}.")
+
+
+def _split_plan(config, requested: Sequence[str]) -> dict[str, str]:
+    """{latents split name: source split} to write. Default: the splits stage 2 reads
+    (data.train_split, data.eval_split) from source_data's train and eval splits."""
+    src = config.source_data
+    if requested:
+        plan = {name: name for name in requested}
+    else:
+        plan = {}
+        pairs = [(src.train_split, src.train_split)]
+        if "data" in config and config.data.source == "latents":
+            pairs = [(config.data.train_split, src.train_split),
+                     (config.data.eval_split, src.eval_split)]
+        elif src.eval_split:
+            pairs.append((src.eval_split, src.eval_split))
+        for target, source_split in pairs:
+            if target and source_split:
+                plan.setdefault(sources_split_name(target), source_split)
+    for name in plan:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise PrecomputeError(
+                f"split {name!r} is not a plain split name: precompute whole splits (e.g. "
+                "--splits=train) and slice when reading (data.train_split='train[:95%]').")
+    return plan
+
+
+def sources_split_name(spec: str) -> str:
+    """The base split of a split spec ('train[:90%]' -> 'train')."""
+    return str(spec).split("[")[0].split("+")[0].strip()
+
+
+def _fingerprint(first_stage, src, counts, examples_per_shard, features) -> dict:
+    return files.to_json_compatible({
+        "schema_version": latents_lib.SCHEMA_VERSION,
+        "kind": first_stage.kind,
+        "model_config_hash": first_stage.identity["model_config_hash"],
+        "params_hash": first_stage.identity["params_hash"],
+        "source_data": {k: src[k] for k in _SOURCE_IDENTITY_FIELDS},
+        "splits": counts,
+        "examples_per_shard": int(examples_per_shard),
+        "features": {k: repr(v) for k, v in features.items()},
+    })
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything decided before the first example is encoded."""
+
+    first_stage: Any
+    src: Any  # config.source_data
+    lat: Any  # config.latents
+    mesh: Any
+    global_batch: int
+    examples_per_shard: int
+    split_sources: dict  # latents split -> image source
+    split_from: dict  # latents split -> source split
+    layout: dict  # latents split -> [examples per shard]
+    features: Any
+    kept: list
+    skipped: list
+    out_root: str
+    data_dir: str
+    latent_shape: list
+    stored_shape: list
+
+    @property
+    def counts(self) -> dict:
+        return {s: len(ds) for s, ds in self.split_sources.items()}
+
+
+def _plan(config, first_stage_dir, output_dir, *, splits, batch_size, examples_per_shard) -> _Plan:
+    from ldm_jax.storage.first_stage import load_first_stage
+
+    first_stage = load_first_stage(first_stage_dir)
+    _check_config(config, first_stage)
+    src, eps = config.source_data, int(examples_per_shard)
+    if eps < 1:
+        raise PrecomputeError(f"--examples_per_shard={examples_per_shard} must be >= 1.")
+    split_from = _split_plan(config, list(splits or ()))
+    mesh = sharding.make_mesh(config.mesh)
+    global_batch = int(batch_size or config.batch_size)
+    sharding.check_batch_divides(global_batch, mesh, "batch_size")
+    kind, f, c = first_stage.kind, first_stage.downsampling_factor, first_stage.latent_channels
+    size = int(src.image_size)
+    latent_shape = [size // f, size // f, c]
+    split_sources = {name: registry.make_source(src, from_split)
+                     for name, from_split in split_from.items()}
+    if any(len(ds) == 0 for ds in split_sources.values()):
+        raise PrecomputeError(f"a split of config.source_data is empty: "
+                              f"{ {s: len(ds) for s, ds in split_sources.items()} }.")
+    first_source = next(iter(split_sources.values()))
+    stored_shape = latent_shape[:2] + [2 * c if kind == "kl" else c]
+    features, kept, skipped = latents_lib.make_features(
+        first_source, first_source[0], image_key=src.image_key, kind=kind,
+        stored_shape=stored_shape)
+    out_root = os.path.abspath(os.path.expanduser(output_dir))
+    return _Plan(first_stage=first_stage, src=src, lat=config.latents, mesh=mesh,
+                 global_batch=global_batch, examples_per_shard=eps, split_sources=split_sources,
+                 split_from=split_from,
+                 layout={s: [min(eps, len(ds) - i) for i in range(0, len(ds), eps)]
+                         for s, ds in split_sources.items()},
+                 features=features, kept=kept, skipped=skipped, out_root=out_root,
+                 data_dir=latents_lib.tfds_dir(out_root), latent_shape=latent_shape,
+                 stored_shape=stored_shape)
+
+
+def _scale_factor(plan: _Plan, encode, params, reader_cfg) -> tuple[float, dict]:
+    """(scale factor, how it was chosen): config.latents.scale_factor when positive, else
+    scale_by_std over the train split (the first one written)."""
+    lat = plan.lat
+    if float(lat.scale_factor) > 0:
+        return float(lat.scale_factor), {"method": "fixed"}
+    train_split = next(iter(plan.split_sources))
+    scale, used = scale_by_std(
+        encode, params, plan.mesh, plan.split_sources[train_split], reader_cfg,
+        num_examples=int(lat.scale_num_examples), seed=int(lat.seed),
+        global_batch=plan.global_batch, per_example=int(np.prod(plan.latent_shape)))
+    print(f"scale_by_std over {used} {train_split!r} examples: scale_factor {scale:.6g}",
+          flush=True)
+    return scale, {"method": "scale_by_std", "num_examples": used, "split": train_split,
+                   "seed": int(lat.seed), "ddof": 1}
+
+
+def _labels_of(plan: _Plan) -> tuple[dict, dict]:
+    """({label key: class count}, {label key: class names}) of the carried label fields."""
+    source = next(iter(plan.split_sources.values()))
+    counts = {k: int(v) for k, v in getattr(source, "num_classes", {}).items() if k in plan.kept}
+    names = {k: list(v) for k, v in getattr(source, "class_names", {}).items() if k in plan.kept}
+    return counts, names
+
+
+def _metadata(plan: _Plan, scale: float, scale_source: dict, latents_config: dict) -> dict:
+    kind, fs = plan.first_stage.kind, plan.first_stage
+    num_classes, class_names = _labels_of(plan)
+    return files.to_json_compatible({
+        "schema_version": latents_lib.SCHEMA_VERSION,
+        "kind": kind,
+        "latent_key": latents_lib.LATENT_KEYS[kind],
+        "first_stage": dict(fs.identity, model_config=config_lib.to_json_dict(fs.config.model)),
+        "f": fs.downsampling_factor,
+        "latent_shape": plan.latent_shape,
+        "stored_shape": plan.stored_shape,
+        "scale_factor": scale,
+        "scale_factor_source": scale_source,
+        "latents_config": latents_config,
+        "num_examples": plan.counts,
+        "num_shards": {s: len(lengths) for s, lengths in plan.layout.items()},
+        "examples_per_shard": plan.examples_per_shard,
+        "source_data": config_lib.to_json_dict(plan.src),
+        # Which source images each split holds (a held-out slice of a one-split source says so).
+        "splits": {s: {"from_split": plan.split_from[s],
+                       "holdout": getattr(ds, "holdout", None)}
+                   for s, ds in plan.split_sources.items()},
+        "features": {k: repr(v) for k, v in plan.features.items()},
+        "conditioning_keys": plan.kept,
+        "skipped_keys": plan.skipped,
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "dataset_name": latents_lib.DATASET_NAME,
+        "tfds_version": latents_lib.TFDS_VERSION,
+    })
+
+
+def _encode_shards(pending, *, split_sources, layout, eps, reader_cfg, kept, encode, params, mesh,
+                   global_batch, image_shape, latent_key, write, on_shard_written) -> None:
+    """Encodes the pending (split, shard) pairs, dealt round-robin to the processes.
+
+    In each round process p encodes pending[round * P + p]; all processes run the same number
+    of encode steps (the longest shard of the round; hosts with a shorter or no shard feed
+    masked padding), because every step is one program over the global mesh.
+    """
+    pc, pi = jax.process_count(), jax.process_index()
+    local_batch = global_batch // pc
+    batch_spec = P(sharding.BATCH_AXES)
+    for r in range(0, len(pending), pc):
+        round_shards = pending[r:r + pc]
+        steps = max(math.ceil(layout[s][i] / local_batch) for s, i in round_shards)
+        mine = round_shards[pi] if pi < len(round_shards) else None
+        split, shard = mine if mine is not None else (next(iter(split_sources)), -1)
+        start = shard * eps if mine is not None else 0
+        stop = start + layout[split][shard] if mine is not None else 0
+        t0, records, inflight = time.perf_counter(), [], None
+
+        def collect(done):
+            local, out = done
+            stored = np.asarray(multihost_utils.global_array_to_host_local_array(
+                out, mesh, batch_spec))
+            for j in np.flatnonzero(local["mask"]):
+                record = dict(local["extras"][j])
+                record.update({latent_key: stored[j], "index": int(local["index"][j])})
+                records.append(record)
+
+        for local in _shard_batches(split_sources[split], reader_cfg, kept, start, stop,
+                                    local_batch, steps, image_shape):
+            batch = sharding.global_batch({"image": local["image"], "index": local["index"]}, mesh)
+            out, _ = encode(params, batch["image"], batch["index"])
+            # Dispatch is asynchronous: the next batch is read while this one encodes.
+            if inflight is not None:
+                collect(inflight)  # pylint: disable=cell-var-from-loop
+            inflight = (local, out)
+        collect(inflight)
+        if mine is not None:
+            name = write(split, shard, records)
+            print(f"  {name}: {len(records)} examples in {time.perf_counter() - t0:.1f}s",
+                  flush=True)
+            if on_shard_written is not None:
+                on_shard_written(split, shard)
+
+
+def _encode_pending(plan: _Plan, on_shard_written):
+    """Encodes and writes every shard not recorded as done; returns (encode fn, replicated
+    first-stage params, reader config) for the scale factor."""
+    out_root, data_dir, layout, lat = plan.out_root, plan.data_dir, plan.layout, plan.lat
+    params = jax.device_put(plan.first_stage.params, sharding.replicated(plan.mesh))
+    encode = make_encode_fn(plan.first_stage, plan.mesh, int(lat.seed))
+    pending = [(s, i) for s, lengths in layout.items() for i, n in enumerate(lengths)
+               if not latents_writer.shard_done(out_root, data_dir,
+                                                latents_lib.shard_name(s, i, len(lengths)), n)]
+    # Every host must read the progress markers before any host writes new ones.
+    latents_writer.barrier("progress_read")
+    total = sum(len(lengths) for lengths in layout.values())
+    print(f"Precomputing {plan.first_stage.kind.upper()} latents {plan.stored_shape} of splits "
+          f"{plan.counts} (from source splits {plan.split_from}) into {data_dir}: "
+          f"{total - len(pending)} of {total} shards already done; batch {plan.global_batch} on "
+          f"mesh {dict(plan.mesh.shape)}, {jax.process_count()} process(es).", flush=True)
+    serialize = latents_lib.example_serializer(plan.features)
+
+    def write(split, shard, records):
+        name = latents_lib.shard_name(split, shard, len(layout[split]))
+        latents_writer.write_shard(out_root, data_dir, name, serialize, records)
+        return name
+
+    reader_cfg = _reader_cfg(plan.src)
+    size = int(plan.src.image_size)
+    _encode_shards(pending, split_sources=plan.split_sources, layout=layout,
+                   eps=plan.examples_per_shard, reader_cfg=reader_cfg, kept=plan.kept,
+                   encode=encode, params=params, mesh=plan.mesh, global_batch=plan.global_batch,
+                   image_shape=(size, size, 3),
+                   latent_key=latents_lib.LATENT_KEYS[plan.first_stage.kind], write=write,
+                   on_shard_written=on_shard_written)
+    latents_writer.barrier("shards_done")
+    return encode, params, reader_cfg
+
+
+def precompute(config, first_stage_dir: str, output_dir: str, *,
+               splits: Sequence[str] | None = None, batch_size: int | None = None,
+               examples_per_shard: int = DEFAULT_EXAMPLES_PER_SHARD,
+               on_shard_written: Callable[[str, int], None] | None = None) -> dict:
+    """Encodes `config.source_data` with the first stage in `first_stage_dir` into `output_dir`.
+
+    Resumes a previous run into the same `output_dir` (finished shards are kept); returns the
+    existing metadata at once if that run already finished with the same settings.
+
+    Args:
+      config: stage-2 config with `source_data`, `latents`, `batch_size`, `mesh` (and `data`,
+        whose train/eval split names the written splits get).
+      first_stage_dir: the autoencoder's run directory (`load_first_stage`).
+      output_dir: OUT_DIR (layout in `ldm_jax.data.latents_writer`).
+      splits: source split names to encode under their own names; default: the splits stage 2
+        reads (see `_split_plan`).
+      batch_size: global encode batch; default config.batch_size. Keep it fixed across a
+        resume for byte-identical results (numerics may differ across batch sizes).
+      examples_per_shard: consecutive examples per shard (the unit of resume); a multiple of
+        the per-host batch wastes no encode work on padding.
+      on_shard_written: called as f(split, shard_index) after each shard this process finishes.
+
+    Returns:
+      The metadata dict written to `ldm_latents.json` (see `ldm_jax.data.latents`).
+
+    Raises:
+      PrecomputeError: bad config, or output_dir holds latents of another first stage/config.
+      FirstStageError, DataConfigError, MeshError: the first stage, the source data or the
+        mesh/batch cannot be used.
+    """
+    plan = _plan(config, first_stage_dir, output_dir, splits=splits, batch_size=batch_size,
+                 examples_per_shard=examples_per_shard)
+    out_root, data_dir, layout = plan.out_root, plan.data_dir, plan.layout
+    latents_writer.claim_output(out_root, data_dir, _fingerprint(
+        plan.first_stage, plan.src, plan.counts, plan.examples_per_shard, plan.features))
+    lat = plan.lat
+    latents_config = files.to_json_compatible({
+        "scale_factor": float(lat.scale_factor), "scale_num_examples": int(lat.scale_num_examples),
+        "seed": int(lat.seed)})
+    if os.path.isfile(os.path.join(data_dir, latents_lib.METADATA_FILE)):
+        existing = latents_lib.read_latents_metadata(out_root)
+        if existing["latents_config"] == latents_config:
+            print(f"Latents in {out_root} are complete; nothing to do.", flush=True)
+            return existing
+
+    encode, params, reader_cfg = _encode_pending(plan, on_shard_written)
+
+    scale, scale_source = _scale_factor(plan, encode, params, reader_cfg)
+    metadata = _metadata(plan, scale, scale_source, latents_config)
+    if plan.skipped:
+        print(f"Not carried (not a simple type, or a reserved name): {plan.skipped}", flush=True)
+    if jax.process_index() == 0:
+        latents_writer.finish(out_root, data_dir, plan.features, layout, metadata)
+        print(f"Wrote {os.path.join(data_dir, latents_lib.METADATA_FILE)}.", flush=True)
+    latents_writer.barrier("finished")
+    return metadata

@@ -1,0 +1,79 @@
+"""`data.source` name -> source factory; `make_source` builds the source of a config's split.
+
+The one module that knows every kind of source. It lives apart from `sources` because
+`latents` and `folder` import `sources` (errors, TFDS helpers): dispatching from `sources`
+itself made an import cycle.
+
+Each factory reads its config fields directly (`data_cfg.label_key`, ...): every field has a
+default in `ldm_jax.config.defaults.data_config`, so a missing one is a bug, not a choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ldm_jax.data import folder, latents, sources, synthetic
+from ldm_jax.data.sources import DataConfigError, HoldoutPolicy
+
+
+def _digits(data_cfg, split: str):
+    return sources.digits_source(split, data_cfg.data_dir,
+                                 holdout=HoldoutPolicy.from_config(data_cfg))
+
+
+def _tfds(data_cfg, split: str):
+    return sources.tfds_source(data_cfg.name, split, data_cfg.data_dir,
+                               holdout=HoldoutPolicy.from_config(data_cfg))
+
+
+def _folder(data_cfg, split: str):
+    return folder.folder_source(
+        data_cfg.folder, split,
+        # An empty image_key means the default key, as in the pipeline's example fn.
+        data_cfg.image_key or "image",
+        label_key=data_cfg.label_key or None,
+        holdout=HoldoutPolicy.from_config(data_cfg),
+        max_unreadable_fraction=data_cfg.max_unreadable_fraction,
+    )
+
+
+def _latents(data_cfg, split: str):
+    return latents.latents_source(data_cfg.latents_dir, split)
+
+
+def _synthetic_latents(data_cfg, split: str):
+    # The eval split is other noise on the same class patterns.
+    return synthetic.SyntheticLatentsSource(
+        data_cfg.latent_shape, data_cfg.num_classes,
+        noise_seed=0 if split == data_cfg.train_split else 1)
+
+
+# `data.source` -> (data_cfg, split) -> random-access source.
+SOURCES: dict[str, Callable[[Any, str], Any]] = {
+    "digits": _digits,
+    "tfds": _tfds,
+    "folder": _folder,
+    "latents": _latents,
+    "synthetic_latents": _synthetic_latents,
+}
+
+
+def make_source(data_cfg, split: str):
+    """Builds the random-access source of `split` from a `data` config.
+
+    Dispatches on `data.source` (a key of `SOURCES`): 'digits' (embedded), 'tfds'
+    (`data.name` in `data.data_dir`), 'folder' (`data.folder`), 'latents' (precomputed
+    first-stage latents in `data.latents_dir`) or 'synthetic_latents'. Image sources hold out
+    `data.holdout_percent`% of the train split as `data.eval_split` when the data has no
+    such split (`sources.HoldoutPolicy`); their `holdout` attribute records it.
+
+    Raises:
+      DataConfigError: unknown `data.source`, or whatever the source's factory finds wrong.
+    """
+    kind = data_cfg.source
+    factory = SOURCES.get(kind)
+    if factory is None:
+        raise DataConfigError(
+            f"Unknown data.source={kind!r}; set it to one of {list(SOURCES)}.")
+    return factory(data_cfg, split)
