@@ -119,7 +119,7 @@ def finish(out_root, data_dir, features, layout, metadata) -> None:
         data_dir=data_dir, features=features, split_infos=infos, check_data=False,
         description=(f"{metadata['kind'].upper()} first-stage latents ({metadata['latent_key']}, "
                      f"unscaled; scale_factor {metadata['scale_factor']:.6g}) of "
-                     f"{src.get('name') or src.get('folder') or src.get('source')} by "
+                     f"{src['name'] or src['folder'] or src['source']} by "
                      f"{fs['workdir']} step {fs['step']}; see {latents_lib.METADATA_FILE}."))
     builder = tfds.builder_from_directory(data_dir)
     for split, lengths in layout.items():

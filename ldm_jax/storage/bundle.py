@@ -72,9 +72,9 @@ def _config_json(config) -> dict:
 
 
 def _check_stage2_config(config) -> None:
-    if config.get("stage") != "diffusion":
+    if config.stage != "diffusion":
         raise BundleError(f"save_bundle: config.stage must be 'diffusion' (a stage-2 config), "
-                          f"got {config.get('stage')!r}.")
+                          f"got {config.stage!r}.")
     for key in ("model", "diffusion", "conditioning", "sampling", "data"):
         if key not in config:
             raise BundleError(f"save_bundle: the stage-2 config has no '{key}' group; build it "
@@ -100,9 +100,9 @@ def save_bundle(directory: str, *, config, unet_params, first_stage_config=None,
     if (first_stage_config is None) != (first_stage_params is None):
         raise BundleError("save_bundle: give both first_stage_config and first_stage_params, or "
                           "neither.")
-    if first_stage_config is not None and first_stage_config.get("stage") != "autoencoder":
+    if first_stage_config is not None and first_stage_config.stage != "autoencoder":
         raise BundleError("save_bundle: first_stage_config must be an autoencoder config "
-                          f"(stage 'autoencoder'), got stage {first_stage_config.get('stage')!r}.")
+                          f"(stage 'autoencoder'), got stage {first_stage_config.stage!r}.")
     if not np.isfinite(scale_factor) or scale_factor <= 0:
         raise BundleError(f"save_bundle: scale_factor must be a positive number, got {scale_factor}.")
     directory = os.path.abspath(directory)

@@ -109,7 +109,7 @@ def save_first_stage_run(workdir: str, config, params) -> None:
     """
     if config.stage != "autoencoder":
         raise FirstStageError(f"save_first_stage_run: config.stage must be 'autoencoder', got "
-                              f"{config.get('stage')!r}.")
+                              f"{config.stage!r}.")
     if os.path.exists(os.path.join(workdir, "checkpoints")):
         raise FirstStageError(f"{workdir} already holds checkpoints; choose a new folder.")
     from ldm_jax.training import checkpointing  # the trainer's writer: resumable like any run
