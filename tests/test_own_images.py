@@ -21,7 +21,6 @@ from conftest import ROOT
 from ldm_jax import precompute_latents, sample, train
 
 SIZE = 64
-AE = os.path.join(ROOT, "configs", "autoencoder_vq_f4.py:smoke")
 LDM = os.path.join(ROOT, "configs", "f4_celebahq.py")
 # Width and step overrides only (a CPU-sized UNet, a few steps).
 SMALL = ["--config.model.model_channels=32", "--config.model.num_res_blocks=1",
@@ -68,6 +67,8 @@ def readme_commands(section: str) -> list[list[str]]:
 def _run(argv: list[str], photos: str, extra=()) -> int:
     """Runs one README command with the test's folder and a CPU-sized run."""
     entry, args = argv[0], [a.replace("=photos", f"={photos}") for a in argv[1:]]
+    # README commands run from the repository root; the test runs them from a scratch dir.
+    args = [a.replace("--config=configs/", f"--config={ROOT}/configs/") for a in args]
     args = [a for a in args if not a.startswith("--config.total_steps=")]
     module = {"ldm_jax.train": train, "ldm_jax.precompute_latents": precompute_latents,
               "ldm_jax.sample": sample}[entry]
