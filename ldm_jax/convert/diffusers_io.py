@@ -2,11 +2,17 @@
 
 Reading: a model folder is `config.json` + `diffusion_pytorch_model.safetensors` (or `.bin`,
 read with the restricted unpickler). A pipeline folder has `unet/` and `vae/` (or `vqvae/`, as
-diffusers' LDMPipeline names it) and optionally `scheduler/scheduler_config.json`.
+diffusers' LDMPipeline names it) and optionally `scheduler/scheduler_config.json`; a text
+pipeline adds `bert/` (LDMTextToImagePipeline) or `text_encoder/` (StableDiffusionPipeline) and
+`tokenizer/` (convert/text_io.py), and its bundle samples from prompts.
 
 Writing (`--to=diffusers`): `unet/`, `vae/` (AutoencoderKL) or `vqvae/` (VQModel),
-`scheduler/scheduler_config.json` (a DDIMScheduler matching ldm_jax's DDIM), plus an LDMPipeline
-`model_index.json` for VQ + UNet2DModel; each model folder loadable by diffusers' `from_pretrained`.
+`scheduler/scheduler_config.json` (a DDIMScheduler matching ldm_jax's DDIM), for text models
+`bert/` or `text_encoder/` + `tokenizer/`, and a `model_index.json` where a stock pipeline fits:
+LDMPipeline (VQ + UNet2DModel), LDMTextToImagePipeline ('bert' text encoder; its first stage
+folder is `vqvae/` whatever its kind, as that pipeline names it), StableDiffusionPipeline
+(CLIP text encoder + KL). Each model folder loads with diffusers' / transformers'
+`from_pretrained`.
 """
 
 from __future__ import annotations
@@ -85,9 +91,12 @@ def convert_unet_folder(path: str) -> Tuple[dict, dict, int]:
 
 
 def convert_to_bundle_kwargs(unet_dir: str, vae_dir: str, scheduler_json: Optional[str], *,
-                             scale_factor: Optional[float] = None,
+                             scale_factor: Optional[float] = None, text_folder: str = "",
                              log: Callable[[str], None] = print) -> dict:
-    """UNet + VAE folders (+ scheduler config) -> keyword arguments of bundle.save_bundle."""
+    """UNet + VAE folders (+ scheduler config) -> keyword arguments of bundle.save_bundle.
+    `text_folder`: a pipeline folder whose bert/ or text_encoder/ + tokenizer/ condition it."""
+    from ldm_jax.conditioning.encoders import COND_STAGE_KEY
+    from ldm_jax.convert import text_io
     fields, unet, size = convert_unet_folder(unet_dir)
     ae_config, ae, vae_scale = convert_vae_folder(vae_dir)
     sched = None
@@ -100,16 +109,34 @@ def convert_to_bundle_kwargs(unet_dir: str, vae_dir: str, scheduler_json: Option
     diffusion = configs.diffusion_from_scheduler(sched)
     scale = vae_scale if scale_factor is None else float(scale_factor)
     log(f"latent scale factor {scale} ({'--scale_factor' if scale_factor is not None else 'the VAE config scaling_factor'}).")
-    if fields["use_spatial_transformer"]:
-        log("note: this UNet cross-attends to a context (UNet2DConditionModel); ldm_jax's "
-            "sampling cannot produce that context yet, so the bundle is for inspection/export.")
+    conditioning, cond_params = {}, None
+    if text_folder:
+        if not fields["use_spatial_transformer"]:
+            raise ConversionError(f"--source={text_folder} has a text encoder but its UNet "
+                                  f"({unet_dir}) takes no cross-attention context.")
+        conditioning, cond_params = text_io.diffusers_text_encoder(
+            text_folder, context_dim=fields["context_dim"], log=log)
+    elif fields["use_spatial_transformer"]:
+        log("note: this UNet cross-attends to a context (UNet2DConditionModel) but no text "
+            "encoder came with it (a pipeline folder's bert/ or text_encoder/ + tokenizer/), "
+            "so the bundle is for inspection/export, not sampling.")
     config = configs.stage2_config(fields, latent_size=size, first_stage_kind=ae_config.model.kind,
                                    diffusion=diffusion, num_classes_conditioning=True)
     config.latents.scale_factor = scale
+    source = {"format": "diffusers", "unet": os.path.abspath(unet_dir),
+              "vae": os.path.abspath(vae_dir)}
+    if conditioning:
+        config.conditioning.update(conditioning)
+        config.sampling.guidance_scale = text_io.GUIDANCE[conditioning["text_encoder"]]
+        log(f"sampling.guidance_scale={config.sampling.guidance_scale} (the reference pipeline's "
+            f"default; --guidance_scale overrides it when sampling).")
+        source["text_encoder"] = conditioning.get("encoder_path") or os.path.abspath(
+            os.path.join(text_folder, "bert"))
+        source["tokenizer"] = conditioning["tokenizer_path"]
+    if cond_params is not None:
+        unet = {**unet, COND_STAGE_KEY: cond_params}
     return dict(config=config, unet_params=unet, first_stage_config=ae_config,
-                first_stage_params=ae, scale_factor=scale,
-                source={"format": "diffusers", "unet": os.path.abspath(unet_dir),
-                        "vae": os.path.abspath(vae_dir)})
+                first_stage_params=ae, scale_factor=scale, source=source)
 
 
 def pipeline_parts(path: str) -> Tuple[str, str, Optional[str]]:
@@ -142,9 +169,13 @@ def export_first_stage(out_dir: str, ae_config, params, scale_factor: float) -> 
     return out_dir
 
 
-def export_bundle(out_dir: str, bundle) -> None:
+def export_bundle(out_dir: str, bundle, log: Callable[[str], None] = print) -> None:
     """Write a loaded bundle as a diffusers pipeline-style folder."""
     from ldm_jax import convert
+    from ldm_jax.conditioning.encoders import split_params
+    from ldm_jax.convert import text_io
+    text_io.check_exportable(bundle.config)
+    unet_params, cond_params = split_params(bundle.unet_params)
     if bundle.first_stage is None:
         raise ConversionError(f"{bundle.directory}: the bundle has no first stage, which a "
                               f"diffusers pipeline needs.")
@@ -156,20 +187,37 @@ def export_bundle(out_dir: str, bundle) -> None:
     os.makedirs(out_dir, exist_ok=False)
     unet_cfg = convert.unet_diffusers_config(m, int(h))
     write_model_folder(os.path.join(out_dir, "unet"), unet_cfg,
-                       convert.unet_params_to_diffusers(bundle.unet_params, m))
+                       convert.unet_params_to_diffusers(unet_params, m))
     kind = bundle.first_stage.kind
-    vae_name = "vae" if kind == "kl" else "vqvae"
+    cond = bundle.config.conditioning
+    text = cond.kind == "text"
+    # LDMTextToImagePipeline names its first stage `vqvae` (a KL one too).
+    vae_name = "vqvae" if kind == "vq" or (text and cond.text_encoder == "bert") else "vae"
     export_first_stage(os.path.join(out_dir, vae_name), bundle.first_stage.config,
                        bundle.first_stage.params, bundle.scale_factor)
     os.makedirs(os.path.join(out_dir, "scheduler"))
     with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(dict(configs.scheduler_from_diffusion(bundle.config.diffusion),
                        _diffusers_version=_DIFFUSERS_VERSION), f, indent=2, sort_keys=True)
+    components = text_io.write_text_parts(out_dir, bundle.config, cond_params, log)
+    vae_class = ["diffusers", "AutoencoderKL" if kind == "kl" else "VQModel"]
+    index = None
     if kind == "vq" and unet_cfg["_class_name"] == "UNet2DModel":
         # Exactly diffusers' unconditional LDMPipeline (vqvae + unet + scheduler); KL latent
         # diffusion without text has no stock pipeline, so its folders are loaded one by one.
-        index = {"_class_name": "LDMPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
-                 "unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"],
-                 "scheduler": ["diffusers", "DDIMScheduler"]}
+        index = {"_class_name": "LDMPipeline", "vqvae": vae_class}
+    elif text and cond.text_encoder == "bert":
+        index = {"_class_name": "LDMTextToImagePipeline", "vqvae": vae_class, **components}
+    elif text and cond.text_encoder == "clip_text" and kind == "kl":
+        index = {"_class_name": "StableDiffusionPipeline", "vae": vae_class, **components,
+                 "safety_checker": [None, None], "feature_extractor": [None, None],
+                 "image_encoder": [None, None], "requires_safety_checker": False}
+    elif text:
+        log(f"no model_index.json: diffusers has no stock pipeline for a {cond.text_encoder} "
+            f"text encoder with a {kind.upper()} first stage; load the folders one by one.")
+    if index is not None:
+        index.update(_diffusers_version=_DIFFUSERS_VERSION,
+                     unet=["diffusers", unet_cfg["_class_name"]],
+                     scheduler=["diffusers", "DDIMScheduler"])
         with open(os.path.join(out_dir, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)

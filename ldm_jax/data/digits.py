@@ -29,7 +29,7 @@ NUM_CLASSES = 10
 # Every TEST_EVERY-th sample (by sklearn order) goes to the test split.
 TEST_EVERY = 6
 
-_PREPARED: set[str] = set()
+_PREPARED: set[tuple[str, str]] = set()  # (data set name, data dir)
 _PREPARE_LOCK = threading.Lock()
 
 
@@ -131,20 +131,28 @@ def ensure_digits_prepared(data_dir: str | os.PathLike | None = None) -> str:
     Returns:
       The data dir (as a string) the data set lives in.
     """
+    return ensure_prepared(LdmDigits, data_dir)
+
+
+def ensure_prepared(builder_cls, data_dir: str | os.PathLike | None = None) -> str:
+    """Builds the embedded TFDS data set of `builder_cls` (a builder needing no download, like
+    `LdmDigits`) as array_record under `data_dir` unless it is already there; thread- and
+    process-safe. None means `<cwd>/data/tfds`. Returns the data dir."""
     data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir or default_digits_data_dir())))
+    name = builder_cls.name
     with _PREPARE_LOCK:
-        if data_dir in _PREPARED:
+        if (name, data_dir) in _PREPARED:
             return data_dir
         os.makedirs(data_dir, exist_ok=True)
-        with _file_lock(os.path.join(data_dir, f".{NAME}.lock")):
-            builder = LdmDigits(data_dir=data_dir, file_format="array_record")
+        with _file_lock(os.path.join(data_dir, f".{name}.lock")):
+            builder = builder_cls(data_dir=data_dir, file_format="array_record")
             if not builder.is_prepared():
-                print(f"Building the embedded digits data set in {data_dir} (once).", flush=True)
+                print(f"Building the embedded data set {name} in {data_dir} (once).", flush=True)
                 tfds.disable_progress_bar()  # per-record bars drown the training log.
                 builder.download_and_prepare(
                     download_config=tfds.download.DownloadConfig(try_download_gcs=False)
                 )
-        _PREPARED.add(data_dir)
+        _PREPARED.add((name, data_dir))
     return data_dir
 
 

@@ -21,6 +21,11 @@ of the class folder names over the split roots, so train and eval share one mapp
 a class has no eval images; labels are 0..K-1 in that order. Folders holding no image at all
 are not classes. An unlabelled folder (images at the top of the split root) emits no label.
 
+Captions. With `captions=True` (any `data.caption_key`), each image's caption is read from
+a side file `<image stem>.txt` beside it (UTF-8, stripped; several non-empty lines are several
+captions) into the example's 'caption' field: a str, a list of str, or '' for an image without
+a side file (trained like a dropped condition). A split with no side file at all is an error.
+
 Unreadable files (truncated, corrupt, not really images) are skipped: see `FolderSource`.
 """
 
@@ -38,6 +43,8 @@ from ldm_jax.data import transforms
 from ldm_jax.data.sources import DataConfigError, HoldoutPolicy, MissingDataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSION = ".txt"
+CAPTION_KEY = "caption"
 # How many unreadable paths an error message lists.
 _MAX_EXAMPLES = 5
 
@@ -69,6 +76,28 @@ def list_images(root: str | os.PathLike) -> list[str]:
 
 def _has_image(root: str) -> bool:
     return any(any(_is_image(f) for f in filenames) for _, filenames in _walk(root))
+
+
+def caption_path(image_path: str) -> str:
+    """The caption side file of an image: the same path with '.txt' for its extension."""
+    return os.path.splitext(image_path)[0] + CAPTION_EXTENSION
+
+
+def read_caption(image_path: str) -> str | list[str]:
+    """The caption(s) of an image from its side file: '' when there is none, the stripped
+    text for one non-empty line, a list of the stripped non-empty lines for several."""
+    path = caption_path(image_path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: drop a BOM (Windows editors)
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    except UnicodeDecodeError as e:
+        raise DataConfigError(
+            f"Caption file {path!r} is not UTF-8 text ({e}); re-save it as UTF-8 "
+            "(data.caption_key reads <image stem>.txt beside each image).") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if len(lines) == 1 else lines if lines else ""
 
 
 def in_holdout(relpath: str, percent: int) -> bool:
@@ -162,8 +191,9 @@ class FolderSource:
     def __init__(self, root: str, relpaths: list[str], *, split: str, image_key: str = "image",
                  label_key: str | None = None, labels: list[int] | None = None,
                  class_names: list[str] | None = None, holdout: dict[str, Any] | None = None,
-                 max_unreadable_fraction: float = 0.01):
+                 max_unreadable_fraction: float = 0.01, captions: bool = False):
         self.root = root
+        self.captions = bool(captions)
         self.relpaths = relpaths
         self.split = split
         self.image_key = image_key
@@ -268,6 +298,8 @@ class FolderSource:
             example = {self.image_key: image}
             if self._labels is not None:
                 example[self.label_key] = self._labels[j]
+            if self.captions:
+                example[CAPTION_KEY] = read_caption(os.path.join(self.root, self.relpaths[j]))
             return example
         raise DataConfigError(  # only reachable with data.max_unreadable_fraction >= 1
             f"No image of split {self.split!r} in data.folder={self.root!r} is readable; "
@@ -292,7 +324,7 @@ class FolderSource:
 
 def folder_source(folder: str | os.PathLike | None, split: str, image_key: str = "image", *,
                   label_key: str | None = "label", holdout: HoldoutPolicy = HoldoutPolicy(),
-                  max_unreadable_fraction: float = 0.01) -> FolderSource:
+                  max_unreadable_fraction: float = 0.01, captions: bool = False) -> FolderSource:
     """Random-access source over one split of an image folder (see the module doc).
 
     Args:
@@ -305,11 +337,14 @@ def folder_source(folder: str | os.PathLike | None, split: str, image_key: str =
       holdout: split names and held-out percent (`HoldoutPolicy.from_config`); the default is
         'train' / 'test' with 5% held out.
       max_unreadable_fraction: see `FolderSource`.
+      captions: read each image's caption(s) from `<image stem>.txt` into 'caption' (set when
+        `data.caption_key` is).
 
     Raises:
       MissingDataError: the folder does not exist.
       DataConfigError: unknown split, no images in the split, class folders in one split
-        root but not another, or a bad `max_unreadable_fraction`.
+        root but not another, a bad `max_unreadable_fraction`, or `captions` with no
+        caption side file in the split.
     """
     if not folder:
         raise DataConfigError("data.folder is not set; set it to a folder of images.")
@@ -353,7 +388,16 @@ def folder_source(folder: str | os.PathLike | None, split: str, image_key: str =
     held = None
     if part is not None:
         held = holdout.describe(part, "path_hash", folder=base or ".")
+    relpaths = [os.path.join(base, p) if base else p for p in paths]
+    if captions and not any(os.path.isfile(caption_path(os.path.join(root, p)))
+                            for p in relpaths):
+        example = caption_path(relpaths[0])
+        raise DataConfigError(
+            f"data.caption_key is set but no image of split {split!r} in data.folder={root!r} "
+            f"has a caption file: put each image's caption in a UTF-8 text file beside it "
+            f"named like the image with {CAPTION_EXTENSION} (e.g. {example!r}; one caption a "
+            "line), or set data.caption_key='' to train without captions.")
     return FolderSource(
-        root, [os.path.join(base, p) if base else p for p in paths], split=split,
+        root, relpaths, split=split,
         image_key=image_key, label_key=label_key, labels=labels, class_names=classes,
-        holdout=held, max_unreadable_fraction=max_unreadable_fraction)
+        holdout=held, max_unreadable_fraction=max_unreadable_fraction, captions=captions)

@@ -15,9 +15,12 @@ Layout of a latents directory `OUT_DIR` (the `--output` of precompute_latents):
 Each record holds `moments` float32 [h, w, 2C] (KL: posterior mean and log-variance
 concatenated) or `latent` float32 [h, w, C] (VQ: pre-quantisation latent), `index` int64 (the
 position in the source split; records are stored in source order, so it equals the record
-number) and the source's simple conditioning fields under their source names (`label`,
-`caption`, numeric arrays such as `boxes`). Latents are stored UNSCALED; stage 2 multiplies by
-`metadata['scale_factor']`.
+number) and the source's simple conditioning fields under their source names (`label`, `id`,
+text, numeric arrays). The canonical conditioning fields of a source configured with
+`data.caption_key` / `data.boxes_key` (`ldm_jax.data.conditioning_fields`) have fixed types:
+`caption` a Sequence of Text (1..k captions; [] for none), `boxes` float32 [N, 4] normalised
+xyxy in the frame of the ENCODED (center-cropped) image, N varying, `box_labels` int64 [N].
+Latents are stored UNSCALED; stage 2 multiplies by `metadata['scale_factor']`.
 
 `ldm_latents.json` (schema_version 1) holds: kind ('kl'|'vq'), latent_key, first_stage (the
 identity from `first_stage.load_first_stage` plus its model_config), f, latent_shape [h, w, C],
@@ -41,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ldm_jax import UserError
+from ldm_jax.data import conditioning_fields
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms
 
@@ -187,17 +191,26 @@ def latents_source(latents_dir: str | os.PathLike | None, split: str) -> Latents
 
 
 class LatentExampleFn:
-    """Latent record -> {'moments' | 'latent': float32, 'label'?: int32, 'index': int32}.
+    """Latent record -> {'moments' | 'latent': float32, 'label'?: int32, 'index': int32,
+    condition_fn outputs...}.
 
     The pipeline's counterpart of its image `_ExampleFn` for `data.source='latents'`: no image
     preprocessing. With `data.random_flip` (train only) the latent is flipped left-right with
     probability 1/2: for a convolutional encoder the latent of a flipped image is close to
-    the flipped latent, but not equal, so this is off unless a config asks for it.
+    the flipped latent, but not equal, so this is off unless a config asks for it. Boxes
+    handed to `condition_fn` are flipped with the latent.
+
+    condition_fn: optional `(fields, rng, train) -> {name: np.ndarray}` (see
+    `ldm_jax.data.pipeline`); `fields` holds the record's canonical conditioning fields
+    (`conditioning_fields.condition_fields`: caption str | list[str], boxes, box_labels,
+    label). Without it, captions and boxes stay out of the batch.
     """
 
-    def __init__(self, data_cfg, *, train: bool):
+    def __init__(self, data_cfg, *, train: bool, condition_fn=None):
         self.label_key = data_cfg.label_key
         self.random_flip = bool(data_cfg.random_flip) and train
+        self.train = train
+        self.condition_fn = condition_fn
 
     def __call__(self, indexed: tuple[int, dict], rng: np.random.Generator | None = None):
         index, example = indexed
@@ -208,10 +221,13 @@ class LatentExampleFn:
                 f"(features: {sorted(example)}); is data.latents_dir a precompute_latents "
                 "output?")
         latent = np.asarray(example[key], np.float32)
+        flipped = False
         if self.random_flip:
             if rng is None:
                 raise ValueError("random_flip needs an rng.")
-            latent = np.ascontiguousarray(transforms.maybe_flip(latent, rng))
+            flipped = bool(rng.random() < 0.5)  # the draw of transforms.maybe_flip
+            if flipped:
+                latent = np.ascontiguousarray(latent[:, ::-1])
         out = {key: latent, "index": np.int32(index)}
         # Label only where the data set has it: latents of unlabelled data (a folder) under a
         # config whose label_key defaults to 'label' just carry no label.
@@ -222,6 +238,13 @@ class LatentExampleFn:
                     f"data.label_key={self.label_key!r} must be an integer class id, got "
                     f"dtype {label.dtype} shape {label.shape}.")
             out["label"] = label.astype(np.int32)
+        if self.condition_fn is not None:
+            fields = conditioning_fields.condition_fields(example, self.label_key)
+            if flipped and conditioning_fields.BOXES in fields:
+                fields[conditioning_fields.BOXES] = transforms.flip_boxes(
+                    fields[conditioning_fields.BOXES])
+            conditioning_fields.merge_condition(
+                out, self.condition_fn(fields, rng, self.train), reserved=("mask",))
         return out
 
 
@@ -271,6 +294,19 @@ def _feature_for(feature, value, class_names=None) -> Any:
     return tfds.features.Tensor(shape=shape, dtype=dtype, encoding=encoding)
 
 
+def canonical_feature(key: str):
+    """The latents-set feature of a canonical conditioning field (conditioning_fields)."""
+    import tensorflow_datasets as tfds
+
+    if key == conditioning_fields.CAPTION:
+        return tfds.features.Sequence(tfds.features.Text())
+    if key == conditioning_fields.BOXES:
+        return tfds.features.Tensor(shape=(None, 4), dtype=np.float32)
+    if key == conditioning_fields.BOX_LABELS:
+        return tfds.features.Tensor(shape=(None,), dtype=np.int64)
+    raise KeyError(key)
+
+
 def make_features(source, first_example: dict, *, image_key: str, kind: str,
                   stored_shape: Sequence[int]):
     """The latents set's tfds FeaturesDict for a source, and which source fields it carries.
@@ -284,7 +320,9 @@ def make_features(source, first_example: dict, *, image_key: str, kind: str,
 
     Returns:
       (features, conditioning_keys, skipped_keys): fields that are not simple types (nested
-      dicts, other images) or clash with our names are skipped.
+      dicts, other images) or clash with our names are skipped. The canonical fields the
+      source produces (its `canonical_keys`, see `conditioning_fields.CanonicalFieldsSource`)
+      get their fixed types (`canonical_feature`).
     """
     import tensorflow_datasets as tfds
 
@@ -295,8 +333,17 @@ def make_features(source, first_example: dict, *, image_key: str, kind: str,
                                                     encoding="bytes"),
             "index": tfds.features.Scalar(dtype=np.int64)}
     kept, skipped = [], []
+    canonical = set(getattr(source, "canonical_keys", ()))
+    consumed = set(getattr(source, "consumed_keys", ()))
     for key in sorted(first_example):
         if key == image_key:
+            continue
+        if key in consumed:  # read into a canonical field (caption, boxes): not kept twice
+            skipped.append(key)
+            continue
+        if key in canonical:
+            spec[key] = canonical_feature(key)
+            kept.append(key)
             continue
         known = source_features[key] if source_features is not None and \
             key in source_features else None
@@ -333,6 +380,7 @@ __all__ = [
     "LatentExampleFn",
     "LatentsNotReadyError",
     "LatentsSource",
+    "canonical_feature",
     "check_first_stage_matches",
     "example_serializer",
     "latents_source",

@@ -28,7 +28,9 @@ Batch dicts (host-local, b = global_batch_size // process_count):
   'mask':  bool [b]             (eval only; False marks padding)
 
 Config fields read (`data` ConfigDict): source, name, data_dir, folder, image_size,
-train_split, eval_split, image_key, label_key, random_crop, random_flip, num_threads, prefetch.
+train_split, eval_split, image_key, label_key, random_crop, random_flip, num_threads, prefetch;
+and, by the sources (`registry.make_source`), caption_key, boxes_key, box_labels_key,
+box_format.
 
 Latents (`data.source='latents'`, records precomputed by `python -m
 ldm_jax.precompute_latents` in `data.latents_dir`): the same streams, shuffling, host slicing
@@ -37,6 +39,16 @@ and resume guarantees, with no image preprocessing; batches hold
   'label': int32 [b]            (only if data.label_key is set AND the latents carry it)
   'index', 'mask'               (as above)
 image_size and random_crop are ignored; random_flip (train only) flips latents left-right.
+
+Conditioning (text, layouts). Both iterators take an optional
+`condition_fn(fields, rng, train) -> {name: np.ndarray}`. `fields` holds the canonical
+conditioning fields of the example (`ldm_jax.data.conditioning_fields`): 'caption' (str, or
+list[str] for several captions), 'boxes' (float32 [N, 4] normalised xyxy, already following
+the crop and flip of the image or latent), 'box_labels' (int64 [N]) and 'label' (int), each
+only when present. `rng` is the example's augmentation generator (a function of (seed,
+position), after the crop/flip draws; None on the eval stream), so a resumed run sees the same
+choices. Its arrays (fixed shapes, e.g. token ids [L]) are added to the example and batched.
+Without a condition_fn, captions and boxes are not put in batches (they do not stack).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from ldm_jax.data import conditioning_fields
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data import registry, transforms
 from ldm_jax.data.sources import DataConfigError
@@ -101,33 +114,46 @@ class _AttachIndex:
 
 
 class _ExampleFn:
-    """Raw source example -> {'image', 'label'?, 'index'}; a class so it pickles cleanly."""
+    """Raw source example -> {'image', 'label'?, 'index', condition_fn outputs...}; a class so
+    it pickles cleanly."""
 
-    def __init__(self, data_cfg, *, train: bool):
+    def __init__(self, data_cfg, *, train: bool,
+                 condition_fn: conditioning_fields.ConditionFn | None = None):
         self.image_key = data_cfg.image_key
         self.label_key = data_cfg.label_key
         self.image_size = int(data_cfg.image_size)
         self.random_crop = bool(data_cfg.random_crop) and train
         self.random_flip = bool(data_cfg.random_flip) and train
+        self.train = train
+        self.condition_fn = condition_fn
 
     def __call__(self, indexed: tuple[int, dict], rng: np.random.Generator | None = None):
+        out, fields = self.example_and_fields(indexed, rng,
+                                              with_fields=self.condition_fn is not None)
+        if self.condition_fn is not None:
+            conditioning_fields.merge_condition(out, self.condition_fn(fields, rng, self.train),
+                                                reserved=("mask",))
+        return out
+
+    def example_and_fields(self, indexed: tuple[int, dict],
+                           rng: np.random.Generator | None = None, *, with_fields: bool = True):
+        """(example dict, canonical conditioning fields) of a raw example; the fields' boxes
+        are moved into the output image's frame (crop, flip)."""
         index, example = indexed
         if self.image_key not in example:
             raise DataConfigError(
                 f"data.image_key={self.image_key!r} is not a feature of this data set "
                 f"(features: {sorted(example)}); set data.image_key to the image feature."
             )
-        out = {
-            "image": transforms.preprocess_image(
-                example[self.image_key],
-                self.image_size,
-                rng=rng,
-                random_crop=self.random_crop,
-                random_flip=self.random_flip,
-                key=self.image_key,
-            ),
-            "index": np.int32(index),
-        }
+        image, geometry = transforms.preprocess_image_with_geometry(
+            example[self.image_key],
+            self.image_size,
+            rng=rng,
+            random_crop=self.random_crop,
+            random_flip=self.random_flip,
+            key=self.image_key,
+        )
+        out = {"image": image, "index": np.int32(index)}
         # Labels only where the data has them: an unlabelled source (a folder without class
         # sub-folders, a TFDS set without this feature) trains unconditional models as is; a
         # task that needs labels checks for them when it starts (conditioning.kind='class').
@@ -139,7 +165,17 @@ class _ExampleFn:
                     f"dtype {label.dtype} shape {label.shape}."
                 )
             out["label"] = label.astype(np.int32)
-        return out
+        fields = {}
+        if with_fields:
+            fields = conditioning_fields.condition_fields(example, self.label_key)
+            if conditioning_fields.BOXES in fields:
+                boxes, keep = transforms.transform_boxes(fields[conditioning_fields.BOXES],
+                                                         geometry)
+                fields[conditioning_fields.BOXES] = boxes
+                if conditioning_fields.BOX_LABELS in fields:
+                    fields[conditioning_fields.BOX_LABELS] = \
+                        fields[conditioning_fields.BOX_LABELS][keep]
+        return out, fields
 
 
 class _HostSlice(grain.MapDataset):
@@ -247,11 +283,11 @@ def _is_latents(data_cfg) -> bool:
     return data_cfg.source in ("latents", "synthetic_latents")
 
 
-def _make_example_fn(data_cfg, *, train: bool):
+def _make_example_fn(data_cfg, *, train: bool, condition_fn=None):
     """The per-example transform for the configured source (images, or precomputed latents)."""
     if _is_latents(data_cfg):
-        return latents_lib.LatentExampleFn(data_cfg, train=train)
-    return _ExampleFn(data_cfg, train=train)
+        return latents_lib.LatentExampleFn(data_cfg, train=train, condition_fn=condition_fn)
+    return _ExampleFn(data_cfg, train=train, condition_fn=condition_fn)
 
 
 def _check_image_size(data_cfg) -> None:
@@ -270,7 +306,8 @@ def _validate_first(source, fn, what: str) -> None:
     fn((0, source[0]), np.random.default_rng(0))
 
 
-def _open(data_cfg, *, train: bool, global_batch_size: int, process_index, process_count, source):
+def _open(data_cfg, *, train: bool, global_batch_size: int, process_index, process_count, source,
+          condition_fn=None):
     """Shared set-up of both iterators: host slice size, source of the split, example fn
     (checked on record 0). Returns (process_index, process_count, local_batch, source, fn)."""
     process_index, process_count = _resolve_processes(process_index, process_count)
@@ -282,7 +319,7 @@ def _open(data_cfg, *, train: bool, global_batch_size: int, process_index, proce
         raise DataConfigError(f"{field} is empty; name the split to read (e.g. 'train', 'test').")
     if source is None:
         source = registry.make_source(data_cfg, split)
-    fn = _make_example_fn(data_cfg, train=train)
+    fn = _make_example_fn(data_cfg, train=train, condition_fn=condition_fn)
     _validate_first(source, fn, "train" if train else "eval")
     return process_index, process_count, local_batch, source, fn
 
@@ -299,6 +336,7 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     source=None,
+    condition_fn: conditioning_fields.ConditionFn | None = None,
 ) -> BatchIterator:
     """Infinite iterator over host-local training batches.
 
@@ -316,10 +354,13 @@ def make_train_iterator(
       process_index, process_count: this host and the host count; default to
         jax.process_index() / jax.process_count().
       source: optional pre-built random-access source overriding `data.source`.
+      condition_fn: optional (fields, rng, train=True) -> {name: array} adding conditioning
+        inputs (e.g. token ids) to each example (see the module docstring).
 
     Returns:
       BatchIterator yielding {'image': f32 [b,H,W,3], 'label': i32 [b] (if data.label_key),
-      'index': i32 [b]}; `.step` / `.get_state()` give the next step.
+      'index': i32 [b], condition_fn outputs [b, ...]}; `.step` / `.get_state()` give the
+      next step.
 
     Raises:
       ValueError: B not divisible by the process count, bad config (DataConfigError).
@@ -328,7 +369,7 @@ def make_train_iterator(
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
     process_index, process_count, local_batch, source, fn = _open(
         data_cfg, train=True, global_batch_size=global_batch_size, process_index=process_index,
-        process_count=process_count, source=source)
+        process_count=process_count, source=source, condition_fn=condition_fn)
 
     shuffle_seed, aug_seed = _derive_seeds(seed)
     ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(len(source)))
@@ -359,6 +400,7 @@ def make_eval_iterator(
     process_count: int | None = None,
     num_examples: int | None = None,
     source=None,
+    condition_fn: conditioning_fields.ConditionFn | None = None,
 ) -> BatchIterator:
     """One deterministic pass over the eval split, as host-local batches with a `mask`.
 
@@ -373,13 +415,15 @@ def make_eval_iterator(
       process_index, process_count: default to jax.process_index() / jax.process_count().
       num_examples: evaluate only the first N records of the split.
       source: optional pre-built random-access source overriding `data.source`.
+      condition_fn: as for `make_train_iterator`, called with rng=None and train=False.
 
     Returns:
-      BatchIterator (len() = number of batches) yielding {'image', 'label'?, 'index', 'mask'}.
+      BatchIterator (len() = number of batches) yielding {'image', 'label'?, 'index', 'mask',
+      condition_fn outputs}.
     """
     process_index, process_count, local_batch, source, fn = _open(
         data_cfg, train=False, global_batch_size=global_batch_size, process_index=process_index,
-        process_count=process_count, source=source)
+        process_count=process_count, source=source, condition_fn=condition_fn)
     n = len(source) if num_examples is None else min(int(num_examples), len(source))
     if n < 1:
         raise DataConfigError(f"eval_num_examples={num_examples} leaves nothing to evaluate; "

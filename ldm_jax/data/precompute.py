@@ -48,6 +48,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from ldm_jax.config import loading as config_lib
+from ldm_jax.data import conditioning_fields
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data import latents_writer, pipeline, registry
 from ldm_jax.data.latents_writer import PrecomputeError
@@ -58,6 +59,8 @@ DEFAULT_EXAMPLES_PER_SHARD = 1024  # ~100 MB of KL-f4 moments at 256 px: TFDS's 
 # Fields of source_data that decide the content of the latents (checked on resume); the rest
 # (data_dir, threads, augmentation flags that the eval path ignores) may change between runs.
 _SOURCE_IDENTITY_FIELDS = ("source", "name", "folder", "image_size", "image_key")
+# Also identity, but only when set (run.json files written before they existed lack them).
+_CONDITIONING_IDENTITY_FIELDS = ("caption_key", "boxes_key", "box_labels_key", "box_format")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -90,18 +93,33 @@ class _RangeSource:
 
 
 class _ShardExampleFn:
-    """(index in shard, raw example) -> {'image', 'index' (in split), 'extras' (kept fields)}."""
+    """(index in shard, raw example) -> {'image', 'index' (in split), 'extras' (kept fields)}.
 
-    def __init__(self, data_cfg, keep: Sequence[str], offset: int):
+    Canonical conditioning fields (`canonical`: the source's `canonical_keys`) are stored in
+    their fixed types, with boxes moved into the frame of the encoded, center-cropped image.
+    """
+
+    def __init__(self, data_cfg, keep: Sequence[str], offset: int,
+                 canonical: Sequence[str] = ()):
         self._image_fn = pipeline._ExampleFn(data_cfg, train=False)  # pylint: disable=protected-access
         self._keep, self._offset = tuple(keep), offset
+        self._canonical = tuple(k for k in canonical if k in self._keep)
 
     def __call__(self, indexed):
         index, example = indexed
-        out = self._image_fn((index, example))
+        out, fields = self._image_fn.example_and_fields((index, example),
+                                                        with_fields=bool(self._canonical))
         # 0-d arrays -> python scalars / bytes: what TFDS's ClassLabel and Text encoders take.
         extras = {k: example[k].item() if np.ndim(example[k]) == 0 and
                   isinstance(example[k], np.ndarray) else example[k] for k in self._keep}
+        for key in self._canonical:
+            value = fields.get(key)
+            if key == conditioning_fields.CAPTION:
+                value = conditioning_fields.caption_list(value if value is not None else "")
+            elif value is None:  # box labels without boxes: empty like the boxes
+                value = np.zeros((0, 4) if key == conditioning_fields.BOXES else (0,),
+                                 np.float32 if key == conditioning_fields.BOXES else np.int64)
+            extras[key] = value
         return {"image": out["image"], "index": index + self._offset, "extras": extras}
 
 
@@ -119,7 +137,8 @@ def _shard_batches(source, data_cfg, keep, start: int, stop: int, local_batch: i
     examples = iter(())
     if stop > start:
         ds = grain.MapDataset.source(_RangeSource(source, start, stop)).map_with_index(
-            lambda i, x: (i, x)).map(_ShardExampleFn(data_cfg, keep, start))
+            lambda i, x: (i, x)).map(_ShardExampleFn(
+                data_cfg, keep, start, getattr(source, "canonical_keys", ())))
         threads = int(data_cfg.num_threads)
         options = grain.ReadOptions(num_threads=threads if threads > 1 else 0,
                                     prefetch_buffer_size=max(int(data_cfg.prefetch), 1)
@@ -271,7 +290,10 @@ def _fingerprint(first_stage, src, counts, examples_per_shard, features) -> dict
         "kind": first_stage.kind,
         "model_config_hash": first_stage.identity["model_config_hash"],
         "params_hash": first_stage.identity["params_hash"],
-        "source_data": {k: src[k] for k in _SOURCE_IDENTITY_FIELDS},
+        "source_data": dict({k: src[k] for k in _SOURCE_IDENTITY_FIELDS},
+                            **{k: src[k] for k in _CONDITIONING_IDENTITY_FIELDS
+                               if k in src and src[k] and
+                               (k != "box_format" or src.boxes_key)}),
         "splits": counts,
         "examples_per_shard": int(examples_per_shard),
         "features": {k: repr(v) for k, v in features.items()},

@@ -4,22 +4,44 @@ The one module that knows every kind of source. It lives apart from `sources` be
 `latents` and `folder` import `sources` (errors, TFDS helpers): dispatching from `sources`
 itself made an import cycle.
 
+Image sources come back with the canonical conditioning fields the config asks for
+(`data.caption_key`, `data.boxes_key`, ...: `conditioning_fields.CanonicalFieldsSource`); the
+digits data sets with captions / layouts carry theirs without being asked.
+
 Each factory reads its config fields directly (`data_cfg.label_key`, ...): every field has a
 default in `ldm_jax.config.defaults.data_config`, so a missing one is a bug, not a choice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ldm_jax.data import folder, latents, sources, synthetic
+from ldm_jax.data import conditioning_fields, folder, latents, sources, synthetic
+from ldm_jax.data.conditioning_fields import FieldSpec
 from ldm_jax.data.sources import DataConfigError, HoldoutPolicy
 
 
 def _digits(data_cfg, split: str):
     return sources.digits_source(split, data_cfg.data_dir,
                                  holdout=HoldoutPolicy.from_config(data_cfg))
+
+
+def _digits_captions(data_cfg, split: str):
+    from ldm_jax.data import digits_conditioned
+
+    return digits_conditioned.captions_source(split, data_cfg.data_dir,
+                                              holdout=HoldoutPolicy.from_config(data_cfg),
+                                              fields=FieldSpec.from_config(data_cfg))
+
+
+def _digits_layout(data_cfg, split: str):
+    from ldm_jax.data import digits_conditioned
+
+    return digits_conditioned.layout_source(split, data_cfg.data_dir,
+                                            holdout=HoldoutPolicy.from_config(data_cfg),
+                                            fields=FieldSpec.from_config(data_cfg))
 
 
 def _tfds(data_cfg, split: str):
@@ -33,6 +55,8 @@ def _folder(data_cfg, split: str):
         # An empty image_key means the default key, as in the pipeline's example fn.
         data_cfg.image_key or "image",
         label_key=data_cfg.label_key or None,
+        # Folders keep captions in `<image stem>.txt` side files (any data.caption_key).
+        captions=bool(FieldSpec.from_config(data_cfg).caption_keys),
         holdout=HoldoutPolicy.from_config(data_cfg),
         max_unreadable_fraction=data_cfg.max_unreadable_fraction,
     )
@@ -44,9 +68,11 @@ def _latents(data_cfg, split: str):
 
 def _synthetic_latents(data_cfg, split: str):
     # The eval split is other noise on the same class patterns.
+    spec = FieldSpec.from_config(data_cfg)
     return synthetic.SyntheticLatentsSource(
         data_cfg.latent_shape, data_cfg.num_classes,
-        noise_seed=0 if split == data_cfg.train_split else 1)
+        noise_seed=0 if split == data_cfg.train_split else 1,
+        captions=bool(spec.caption_keys), layouts=bool(spec.boxes_key))
 
 
 # `data.source` -> (data_cfg, split) -> random-access source.
@@ -56,17 +82,25 @@ SOURCES: dict[str, Callable[[Any, str], Any]] = {
     "folder": _folder,
     "latents": _latents,
     "synthetic_latents": _synthetic_latents,
+    "digits_captions": _digits_captions,
+    "digits_layout": _digits_layout,
 }
+# Image sources whose examples get the configured canonical fields here (the digits data sets
+# with captions / layouts do it themselves, knowing their own field names).
+_ADDS_CANONICAL_FIELDS = ("digits", "tfds", "folder")
 
 
 def make_source(data_cfg, split: str):
     """Builds the random-access source of `split` from a `data` config.
 
-    Dispatches on `data.source` (a key of `SOURCES`): 'digits' (embedded), 'tfds'
-    (`data.name` in `data.data_dir`), 'folder' (`data.folder`), 'latents' (precomputed
-    first-stage latents in `data.latents_dir`) or 'synthetic_latents'. Image sources hold out
+    Dispatches on `data.source` (a key of `SOURCES`): 'digits' (embedded), 'digits_captions'
+    / 'digits_layout' (embedded, with captions / layouts), 'tfds' (`data.name` in
+    `data.data_dir`), 'folder' (`data.folder`), 'latents' (precomputed first-stage latents in
+    `data.latents_dir`) or 'synthetic_latents'. Image sources hold out
     `data.holdout_percent`% of the train split as `data.eval_split` when the data has no
-    such split (`sources.HoldoutPolicy`); their `holdout` attribute records it.
+    such split (`sources.HoldoutPolicy`); their `holdout` attribute records it. Image
+    sources also carry the canonical 'caption' / 'boxes' / 'box_labels' fields that
+    `data.caption_key` / `data.boxes_key` / `data.box_labels_key` select.
 
     Raises:
       DataConfigError: unknown `data.source`, or whatever the source's factory finds wrong.
@@ -76,4 +110,11 @@ def make_source(data_cfg, split: str):
     if factory is None:
         raise DataConfigError(
             f"Unknown data.source={kind!r}; set it to one of {list(SOURCES)}.")
-    return factory(data_cfg, split)
+    source = factory(data_cfg, split)
+    if kind in _ADDS_CANONICAL_FIELDS:
+        spec = FieldSpec.from_config(data_cfg)
+        if kind == "folder" and spec.caption_keys:  # read from side files as 'caption'
+            spec = dataclasses.replace(spec, caption_keys=(conditioning_fields.CAPTION,))
+        if spec.active:
+            source = conditioning_fields.CanonicalFieldsSource(source, spec)
+    return source

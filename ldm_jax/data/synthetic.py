@@ -3,6 +3,9 @@
 Each example is a fixed low-frequency pattern of its class (or of class 0 when unlabelled) plus
 a little per-example noise, so a UNet has real structure to learn and its loss falls within a
 few dozen steps. Deterministic from the example index, random access like every other source.
+With `captions` each example also carries a caption naming its class (two phrasings), and with
+`layouts` one box (a quadrant chosen by the class) labelled with the class: enough for the text
+and layout smoke runs to exercise the whole conditioning path without a data set.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ class SyntheticLatentsSource:
     """`num_examples` latents of `latent_shape`; labels `index % num_classes` when num_classes>0."""
 
     def __init__(self, latent_shape, num_classes: int = 0, num_examples: int = 1024,
-                 noise_seed: int = 0):
+                 noise_seed: int = 0, captions: bool = False, layouts: bool = False):
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.num_classes = int(num_classes)
         self.num_examples = int(num_examples)
@@ -28,6 +31,7 @@ class SyntheticLatentsSource:
             patterns.append(np.stack([np.sin(fy * yy + p) * np.cos(fx * xx) for p in phase], -1))
         self._patterns = np.asarray(patterns, np.float32)
         self._seed = noise_seed
+        self.captions, self.layouts = bool(captions), bool(layouts)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -40,4 +44,10 @@ class SyntheticLatentsSource:
                    "index": np.int64(index)}
         if self.num_classes:
             example["label"] = np.int64(label)
+        if self.captions:
+            example["caption"] = [f"pattern number {label}", f"the pattern {label}"]
+        if self.layouts:
+            x0, y0 = 0.5 * (label % 2), 0.5 * (label // 2 % 2)
+            example["boxes"] = np.asarray([[x0, y0, x0 + 0.5, y0 + 0.5]], np.float32)
+            example["box_labels"] = np.asarray([label], np.int64)
         return example

@@ -7,6 +7,8 @@ can make it a function of (seed, global example position).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
@@ -154,6 +156,83 @@ def images_to_uint8(images) -> np.ndarray:
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where the output square of `preprocess_image` lies in the image it came from: the
+    image resized to (resized_h, resized_w), then the window [top, top+size) x
+    [left, left+size), then mirrored left-right if `flipped`. Boxes follow the pixels with
+    `transform_boxes`."""
+
+    resized_h: int
+    resized_w: int
+    top: int
+    left: int
+    size: int
+    flipped: bool = False
+
+
+def transform_boxes(boxes, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised xyxy boxes of the source image -> the same boxes in the output square.
+
+    Boxes are clipped to the crop window; boxes with nothing left inside it (zero width or
+    height after clipping) are dropped.
+
+    Returns:
+      (boxes float32 [M, 4] normalised xyxy in the output, keep bool [N]: which input boxes
+      survive, to select their labels).
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    g = geometry
+    x = (boxes[:, [0, 2]] * g.resized_w - g.left) / g.size
+    y = (boxes[:, [1, 3]] * g.resized_h - g.top) / g.size
+    x, y = np.clip(x, 0.0, 1.0), np.clip(y, 0.0, 1.0)
+    if g.flipped:
+        x = 1.0 - x[:, ::-1]
+    out = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out[keep].astype(np.float32), keep
+
+
+def flip_boxes(boxes) -> np.ndarray:
+    """Normalised xyxy boxes [N, 4] of an image -> the boxes of its left-right mirror."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+
+
+def preprocess_image_with_geometry(
+    image,
+    image_size: int,
+    *,
+    rng: np.random.Generator | None = None,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    key: str = "image",
+) -> tuple[np.ndarray, Geometry]:
+    """`preprocess_image`, also returning the `Geometry` of the output (for boxes).
+
+    Draws from `rng` exactly as `preprocess_image` does (crop offsets, then the flip), so
+    asking for the geometry never changes the augmentation.
+    """
+    if (random_crop or random_flip) and rng is None:
+        raise ValueError("random_crop / random_flip need an rng.")
+    image = to_rgb_uint8(image, key)
+    image = resize_short_side(image, image_size)
+    h, w = image.shape[:2]
+    if h < image_size or w < image_size:
+        raise ValueError(f"Cannot crop {image_size}x{image_size} from an image of shape "
+                         f"{image.shape}.")
+    if random_crop:
+        top = int(rng.integers(0, h - image_size + 1))
+        left = int(rng.integers(0, w - image_size + 1))
+    else:
+        top, left = (h - image_size) // 2, (w - image_size) // 2
+    image = image[top : top + image_size, left : left + image_size]
+    flipped = bool(random_flip and rng.random() < 0.5)  # as maybe_flip draws it
+    if flipped:
+        image = image[:, ::-1]
+    return uint8_to_float(image), Geometry(h, w, top, left, image_size, flipped)
+
+
 def preprocess_image(
     image,
     image_size: int,
@@ -176,11 +255,6 @@ def preprocess_image(
     Returns:
       float32 array (image_size, image_size, 3) in [-1, 1].
     """
-    if (random_crop or random_flip) and rng is None:
-        raise ValueError("random_crop / random_flip need an rng.")
-    image = to_rgb_uint8(image, key)
-    image = resize_short_side(image, image_size)
-    image = crop(image, image_size, rng if random_crop else None)
-    if random_flip:
-        image = maybe_flip(image, rng)
-    return uint8_to_float(image)
+    return preprocess_image_with_geometry(
+        image, image_size, rng=rng, random_crop=random_crop, random_flip=random_flip,
+        key=key)[0]

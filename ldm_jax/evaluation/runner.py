@@ -158,6 +158,30 @@ def held_out_batches(data_cfg, *, batch_size: int, mesh, num_examples: int | Non
         it.close()
 
 
+def held_out_conditions(config, task, num: int) -> dict | None:
+    """Condition batch of `num` rows from the held-out latents (captions / layouts through the
+    task's tokenizer, cycled when the split is smaller): text and layout models are evaluated
+    on the conditions of held-out images, as text-to-image FIDs are. Every process reads the
+    whole (small) set, so all hold the same conditions."""
+    if getattr(task, "condition_fn", None) is None:
+        return None
+    from ldm_jax.data import pipeline
+    it = pipeline.make_eval_iterator(config.data, global_batch_size=min(num, 256),
+                                     num_examples=num, process_index=0, process_count=1,
+                                     condition_fn=task.condition_fn)
+    rows = {k: [] for k in task.condition.keys}
+    try:
+        for local in it:
+            valid = np.asarray(local["mask"], bool)
+            for k in rows:
+                rows[k].append(np.asarray(local[k])[valid])
+    finally:
+        it.close()
+    cond = {k: np.concatenate(v) for k, v in rows.items()}
+    index = np.arange(num) % len(next(iter(cond.values())))
+    return {k: v[index] for k, v in cond.items()}
+
+
 def data_identity(data_cfg) -> dict:
     """The fields that decide which images a data config yields (reference-cache metadata)."""
     from ldm_jax.data import digits
@@ -262,6 +286,7 @@ def evaluate_diffusion(workdir: str, args, extractor, mesh) -> tuple[dict, dict,
     labels = None
     if task.class_conditional:
         labels = np.arange(num, dtype=np.int32) % task.null_label
+    cond = held_out_conditions(config, task, num) if labels is None else {"label": labels}
     sampler = make_sampler(config, task.schedule, name=args.sampler, num_steps=args.steps,
                            eta=args.eta)
     guidance = (config.sampling.guidance_scale if args.guidance_scale is None
@@ -271,7 +296,7 @@ def evaluate_diffusion(workdir: str, args, extractor, mesh) -> tuple[dict, dict,
     done = 0
     for images in sampling.sample_batches(task, params, task.constants(), num=num,
                                         batch_size=batch_size, seed=args.seed, sampler=sampler,
-                                        guidance_scale=guidance, labels=labels, mesh=mesh):
+                                        guidance_scale=guidance, cond=cond, mesh=mesh):
         out = features(images)
         valid = min(batch_size, num - done)  # the last batch is padded
         sink.add(sharding.to_host(out["pool"])[:valid], sharding.to_host(out["logits"])[:valid])
@@ -288,12 +313,18 @@ def evaluate_diffusion(workdir: str, args, extractor, mesh) -> tuple[dict, dict,
     if (labels is not None and extractor.name == digits_features.VERSION
             and task.null_label == digits_features.NUM_CLASSES):
         metrics["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == labels))
+    from ldm_jax.evaluation import conditioned
+    report = conditioned.condition_report(config, task, params, extractor, sampler=sampler,
+                                          mesh=mesh, batch_size=batch_size, seed=args.seed)
+    if report:
+        metrics.update(report)
     sampler_info = {"name": args.sampler,
                     "steps": None if args.sampler == "ddpm" else (args.steps
                                                                   or config.sampling.num_steps),
                     "eta": None if args.sampler == "ddpm" else (
                         config.sampling.eta if args.eta is None else args.eta),
-                    "guidance_scale": float(guidance) if task.class_conditional else None,
+                    "guidance_scale": (float(guidance) if config.conditioning.kind != "none"
+                                       else None),
                     "ema": not args.no_ema, "seed": args.seed, "batch_size": batch_size}
     reference = {"data": data_identity(data_cfg), "num_examples": n_ref,
                  "num_precision_recall": int(len(ref_features))}

@@ -6,10 +6,13 @@ frozen first stage (its config and generator parameters, from the run's latent d
 latent shape) and the latent scale factor, as one orbax checkpoint plus bundle.json.
 `python -m ldm_jax.sample --workdir=BUNDLE` samples from it on any number of devices.
 
-The condition encoder: ldm_jax conditions on class labels only, through an embedding inside the
-UNet (`label_emb`), so it is exported with the UNet parameters, and `config.conditioning` (kind,
-null label for guidance, class names) travels in the stage-2 config. There is no separate
-encoder to save.
+The condition encoder: a jointly trained one (the class embedding `label_emb`, the
+class_crossattn embedding, the 'bert' text transformer or the layout transformer) sits in the
+stage-2 parameter tree, so it is exported with the UNet parameters; `config.conditioning` (kind,
+tokenizer, null label, class names) travels in the stage-2 config. A text run's tokenizer files
+(`conditioning.tokenizer_path`, e.g. the shipped vocab.txt) and a frozen encoder's folder
+(`conditioning.encoder_path`) are copied into the bundle (storage/bundle.py), so the bundle
+samples from `--prompt` with no other files. A layout run's tokenizer is built from the config.
 
 A run trained on synthetic latents (the `smoke` configs) has no first stage: its bundle records
 none, and samples are the latents shown as images, as in the run's own grids.
@@ -59,6 +62,10 @@ def export(workdir: str, output: str, *, step: int | None = None, use_ema: bool 
     note = ("" if first_stage is not None else
             " It has no first stage (trained on synthetic latents): samples are the latents "
             "shown as images.")
+    condition = {"text": ' --prompt="..."', "layout": ' --layout="0:0.1,0.1,0.5,0.5"',
+                 "class": " --labels=0,1", "class_crossattn": " --labels=0,1"}
+    hint = condition.get(config.conditioning.kind, "")
     print(f"Exported {source['weights']} weights of {workdir} at step {step} to {output}/.{note} "
-          f"Sample with: python -m ldm_jax.sample --workdir={output} --out=SAMPLES", flush=True)
+          f"Sample with: python -m ldm_jax.sample --workdir={output}{hint} --out=SAMPLES",
+          flush=True)
     return source

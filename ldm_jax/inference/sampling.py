@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import UserError
+from ldm_jax.conditioning.encoders import parse_labels  # noqa: F401  (re-exported)
 from ldm_jax.parallel import distributed, sharding
 from ldm_jax.storage import files, run_dir
 from ldm_jax.storage import images as image_files
 
 
 class SamplingError(UserError, ValueError):
-    """The sampling request does not fit the model (labels, --step on a bundle, batch size)."""
+    """The sampling request does not fit the model (--step on a bundle, batch size, files)."""
 
 
 def load_run(workdir: str):
@@ -41,7 +42,11 @@ def load_bundle_task(directory: str):
     from ldm_jax.storage import bundle as bundle_lib
     from ldm_jax.tasks.diffusion import DiffusionTask, LatentContext
     bundle = bundle_lib.load_bundle(directory)
-    return bundle.config, DiffusionTask(bundle.config, LatentContext.from_bundle(bundle)), bundle
+    latents = LatentContext.from_bundle(bundle)
+    if bundle.config.conditioning.kind == "layout" and not latents.box_classes:
+        # A bundle reads no data: its box-label class count is the saved config's.
+        latents.box_classes = bundle.config.conditioning.num_layout_classes
+    return bundle.config, DiffusionTask(bundle.config, latents), bundle
 
 
 def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
@@ -59,7 +64,8 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):
 
 
 def generate(task, params, constants, *, num: int, batch_size: int, seed: int, sampler,
-             guidance_scale: float, labels: np.ndarray | None, mesh) -> np.ndarray:
+             guidance_scale: float, labels: np.ndarray | None = None, mesh,
+             cond: dict | None = None) -> np.ndarray:
     """uint8 images [num, H, W, 3], the same on every process; batches sharded over the mesh.
 
     Multi-host: every process runs this with the same arguments (the noise and labels of batch
@@ -68,43 +74,48 @@ def generate(task, params, constants, *, num: int, batch_size: int, seed: int, s
     """
     out = [image_files.to_uint8(sharding.to_host(images)) for images in sample_batches(
         task, params, constants, num=num, batch_size=batch_size, seed=seed, sampler=sampler,
-        guidance_scale=guidance_scale, labels=labels, mesh=mesh)]
+        guidance_scale=guidance_scale, labels=labels, mesh=mesh, cond=cond)]
     return np.concatenate(out)[:num]
 
 
 def sample_batches(task, params, constants, *, num: int, batch_size: int, seed: int, sampler,
-                   guidance_scale: float, labels: np.ndarray | None, mesh):
+                   guidance_scale: float, labels: np.ndarray | None = None, mesh,
+                   cond: dict | None = None):
     """Yields ceil(num / batch_size) decoded batches [batch_size, H, W, 3] in [-1, 1], global
     arrays sharded over the mesh (the last batch is padded: keep its first rows only). Sample j
-    draws its noise from fold_in(key(seed), j) alone; batch i takes labels[i * batch_size:]
-    (cycled)."""
+    draws its noise from fold_in(key(seed), j) alone; batch i takes the rows
+    [i * batch_size, (i + 1) * batch_size) of `cond` (a condition batch of `num` rows, cycled;
+    `labels` is shorthand for {'label': labels}); None samples the null condition."""
+    if cond is None and labels is not None:
+        cond = {"label": np.asarray(labels, np.int32)}
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
-    def sample_batch(params, constants, rng, batch_labels):
-        z = task.sample_latents(params, rng, batch_size, labels=batch_labels, sampler=sampler,
-                                guidance_scale=guidance_scale)
+    def sample_batch(params, constants, rng, batch_cond):
+        z = task.sample_latents(params, rng, batch_size, cond=batch_cond, constants=constants,
+                                sampler=sampler, guidance_scale=guidance_scale)
         z = jax.lax.with_sharding_constraint(z, batch_sharding)
         return task.decode(constants, z)
 
-    def sample_index(params, constants, i, batch_labels):
+    def sample_index(params, constants, i, batch_cond):
         # Every input is a global array made from host numpy that is identical on all
         # processes; the key is derived inside the computation from the batch index.
         # One key per sample (sample j: fold_in(key(seed), j)), so a sample does not depend
         # on the batch size, hence not on the device count either.
         index = i * batch_size + jnp.arange(batch_size, dtype=jnp.uint32)
         keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(seed), j))(index)
-        return sample_batch(params, constants, keys, batch_labels)
+        return sample_batch(params, constants, keys, batch_cond)
 
     fn = jax.jit(sample_index, out_shardings=batch_sharding)
     params = sharding.put_global(params, replicated)
     constants = sharding.put_global(constants, replicated)
     for i in range(-(-num // batch_size)):
-        batch_labels = None
-        if labels is not None:
-            chunk = np.resize(labels[i * batch_size:(i + 1) * batch_size], batch_size)
-            batch_labels = sharding.put_global(chunk.astype(np.int32), batch_sharding)
-        args = (params, constants, sharding.put_global(np.uint32(i), replicated), batch_labels)
+        batch_cond = None
+        if cond is not None:
+            rows = np.arange(i * batch_size, (i + 1) * batch_size) % len(next(iter(cond.values())))
+            batch_cond = {k: sharding.put_global(np.asarray(v)[rows], batch_sharding)
+                          for k, v in cond.items()}
+        args = (params, constants, sharding.put_global(np.uint32(i), replicated), batch_cond)
         if i == 0:
             # Compile first, then start the first batch on all processes together.
             fn = fn.lower(*args).compile()
@@ -118,37 +129,25 @@ def default_batch_size(num: int, mesh) -> int:
     return min(-(-num // n_dev) * n_dev, max(n_dev, 64 // n_dev * n_dev))
 
 
-def parse_labels(text: str, num: int, *, num_classes: int, class_names=None) -> np.ndarray:
-    """`--labels` (class ids or class names, comma separated, cycled) -> int32 [num]; empty
-    cycles 0, 1, ..., num_classes - 1."""
-    if not text.strip():
-        return np.arange(num, dtype=np.int32) % num_classes
-    names = list(class_names or ())
-    ids = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
-        if item in names:
-            ids.append(names.index(item))
-            continue
-        try:
-            ids.append(int(item))
-        except ValueError:
-            known = f"class names {names}" if names else "no class names (ids only)"
-            raise SamplingError(f"--labels: {item!r} is neither a class id in [0, {num_classes}) "
-                                f"nor a class name; this model has {known}.") from None
-    labels = np.resize(np.asarray(ids, np.int32), num)
-    if labels.min() < 0 or labels.max() > num_classes:
-        raise SamplingError(f"--labels must lie in [0, {num_classes}] ({num_classes} = the null "
-                            f"label for guidance), got {sorted(set(ids))}.")
-    return labels
+def read_prompts(prompts=(), prompts_file: str = "") -> list[str]:
+    """`--prompt` values then the lines of `--prompts_file` (blank lines skipped)."""
+    out = list(prompts or ())
+    if prompts_file:
+        if not os.path.isfile(prompts_file):
+            raise SamplingError(f"--prompts_file={prompts_file}: no such file.")
+        with open(prompts_file, encoding="utf-8") as f:
+            out += [line.strip() for line in f if line.strip()]
+    return out
 
 
 def sample_to_folder(workdir: str, out: str, *, num: int, sampler_name: str,
                      steps: int | None = None, eta: float | None = None,
-                     guidance_scale: float | None = None, labels: str = "", seed: int = 0,
-                     batch_size: int = 0, step: int | None = None, use_ema: bool = True,
-                     overrides=()) -> dict:
+                     guidance_scale: float | None = None, labels: str = "", prompts=(),
+                     layouts=(), seed: int = 0, batch_size: int = 0, step: int | None = None,
+                     use_ema: bool = True, overrides=()) -> dict:
     """Samples `num` images of a run or bundle into `out`: 000000.png ..., grid.png and
-    samples.npz (`images` uint8 [N, H, W, 3], plus `labels` for class-conditional models).
+    samples.npz (`images` uint8 [N, H, W, 3], plus the conditions asked for: `labels` int32 [N],
+    `prompts` str [N] or `layouts` str [N], each cycled to N).
 
     `overrides` are `--config.key=value` settings for the sampling run itself: the mesh
     (`mesh.data`, `mesh.fsdp`) and the `sampling` group. Returns a summary dict.
@@ -163,27 +162,31 @@ def sample_to_folder(workdir: str, out: str, *, num: int, sampler_name: str,
     mesh = sharding.make_mesh(config.mesh)
     batch_size = batch_size or default_batch_size(num, mesh)
     sharding.check_batch_divides(batch_size, mesh, field="batch_size (--batch_size)")
-    label_ids = None
-    if task.class_conditional:
-        label_ids = parse_labels(labels, num, num_classes=task.null_label,
-                                 class_names=task.latents.class_names)
-    elif labels:
-        raise SamplingError(f"--labels={labels}: {workdir} is not class-conditional "
-                            f"(conditioning.kind={config.conditioning.kind!r}).")
+    prompts, layouts = list(prompts or ()), list(layouts or ())
+    cond = task.condition.request(num, prompts=prompts, layouts=layouts, labels=labels,
+                                  class_names=config.conditioning.class_names)
     sampler = make_sampler(config, task.schedule, name=sampler_name, num_steps=steps, eta=eta)
     images = generate(task, params, task.constants(), num=num, batch_size=batch_size,
                       seed=seed, sampler=sampler, guidance_scale=guidance_scale,
-                      labels=label_ids, mesh=mesh)
+                      cond=cond or None, mesh=mesh)
     if jax.process_index() == 0:
         for i, image in enumerate(images):
             image_files.save_png(image, os.path.join(out, f"{i:06d}.png"))
-        ncols = (int(np.ceil(np.sqrt(len(images)))) if label_ids is None
-                 else min(len(images), task.null_label))
+        ncols = int(np.ceil(np.sqrt(len(images))))
+        if task.class_conditional:
+            ncols = min(len(images), task.null_label)
+        elif prompts or layouts:
+            ncols = min(len(images), len(prompts or layouts))
         image_files.save_png(image_files.make_grid(images, ncols=ncols),
                              os.path.join(out, "grid.png"), upscale=max(1, 64 // images.shape[1]))
         arrays = {"images": images}
-        if label_ids is not None:
-            arrays["labels"] = label_ids
+        if task.class_conditional:
+            arrays["labels"] = cond["label"]
+        cycle = lambda items: np.asarray([items[i % len(items)] for i in range(len(images))])
+        if prompts or config.conditioning.kind == "text":
+            arrays["prompts"] = cycle(prompts or [""])
+        if layouts or config.conditioning.kind == "layout":
+            arrays["layouts"] = cycle(layouts or [""])
         files.write_npz(os.path.join(out, "samples.npz"), **arrays)
         print(f"Wrote {len(images)} samples ({sampler_name}, step {step}, "
               f"{'EMA' if use_ema else 'raw'} weights) to {out}/ (grid.png, samples.npz).",

@@ -8,9 +8,20 @@ A bundle is what `python -m ldm_jax.export` writes from a training run and what
                        sampling, latent shape), the first stage's config (or null), the latent
                        scale factor, and free-form `source` (where the weights came from).
   BUNDLE/params/       orbax checkpoint of {"unet": ..., "first_stage": ...} (float32 arrays).
+  BUNDLE/tokenizer/    text models only: the tokenizer's files (a WordPiece vocab.txt or
+                       tokenizer.json; a CLIP folder's vocab.json, merges.txt, configs).
+  BUNDLE/text_encoder/ frozen text encoders only ('clip_text', 'hf_bert'): config.json +
+                       model.safetensors.
 
-The condition encoder: ldm_jax's conditioning today is class labels, embedded inside the UNet
-(`label_emb`), so it travels with the UNet parameters and `config.conditioning`.
+The condition encoder: a jointly trained one (the 'bert' text transformer, the layout
+transformer, the class_crossattn embedding; `label_emb` for kind='class') has its weights in the
+stage-2 parameter tree (under `cond_stage_model`), so it travels inside params/ "unet". What a
+text model needs besides weights is copied into the bundle when it is written: the tokenizer
+files named by `conditioning.tokenizer_path` and, for a frozen encoder, the folder named by
+`conditioning.encoder_path`. bundle.json records those fields relative to the bundle (its
+`bundle_paths`), and `load_bundle` turns them into absolute paths, so a bundle samples with no
+other files and can be moved or copied anywhere. Layout models build their tokenizer from the
+config alone: nothing is copied.
 
 Writing is atomic: everything goes to `BUNDLE.partial/` first and is renamed into place only when
 complete, so a crash never leaves a folder that looks like a finished bundle. Every array is
@@ -34,9 +45,16 @@ from ldm_jax import UserError, __version__
 from ldm_jax.config import loading as config_lib
 
 FORMAT = "ldm_jax.storage.bundle"
-VERSION = 1
+# 2: config fields listed in `bundle_paths` are relative to the bundle (text models). Bundles
+# without such fields are still written as version 1, which older readers understand.
+VERSION = 2
 _JSON = "bundle.json"
 _PARAMS = "params"
+TOKENIZER_DIR = "tokenizer"
+ENCODER_DIR = "text_encoder"
+# What transformers' CLIPTokenizer.from_pretrained reads from a tokenizer folder.
+_TOKENIZER_FOLDER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                           "special_tokens_map.json", "added_tokens.json")
 
 
 class BundleError(UserError, ValueError):
@@ -110,9 +128,12 @@ def save_bundle(directory: str, *, config, unet_params, first_stage_config=None,
         raise BundleError(f"--output={directory} already exists; choose a new folder or remove it.")
     partial = directory + ".partial"
     primary = jax.process_index() == 0
+    bundle_paths = {}
     if primary:
         shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crashed export.
         os.makedirs(partial)
+        # First: an unusable tokenizer or encoder path fails before the parameters are written.
+        bundle_paths = copy_condition_assets(config, partial)
     _sync("ldm_jax_bundle_start")
 
     tree = {"unet": unet_params}
@@ -122,13 +143,19 @@ def save_bundle(directory: str, *, config, unet_params, first_stage_config=None,
         checkpointer.save(os.path.join(partial, _PARAMS), tree)
         checkpointer.wait_until_finished()
     if primary:
+        config_json = _config_json(config)
+        for field, relative in bundle_paths.items():
+            group, name = field.split(".")
+            config_json[group][name] = relative
         record = {
-            "format": FORMAT, "version": VERSION, "ldm_jax_version": __version__,
-            "config": _config_json(config),
+            "format": FORMAT, "version": VERSION if bundle_paths else 1,
+            "ldm_jax_version": __version__, "config": config_json,
             "first_stage_config": (None if first_stage_config is None
                                    else _config_json(first_stage_config)),
             "scale_factor": float(scale_factor), "source": dict(source or {}),
         }
+        if bundle_paths:
+            record["bundle_paths"] = bundle_paths
         with open(os.path.join(partial, _JSON), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
         if os.path.exists(directory):  # overwrite=True: swap, then delete the old bundle.
@@ -140,6 +167,58 @@ def save_bundle(directory: str, *, config, unet_params, first_stage_config=None,
         else:
             os.replace(partial, directory)
     _sync("ldm_jax_bundle_done")
+
+
+def copy_condition_assets(config, directory: str) -> dict:
+    """Copies the files a text model's condition needs into `directory` (a bundle being
+    written): the tokenizer files and a frozen encoder's folder. Returns {dotted config field:
+    path relative to the bundle} for bundle.json's `bundle_paths`; {} for other kinds."""
+    cond = config.conditioning
+    if cond.kind != "text":
+        return {}
+    from ldm_jax.conditioning import tokenizers
+    # Loading the tokenizer resolves package:// paths and folders to the files it really reads
+    # (and refuses unusable ones now, not when someone samples from the bundle).
+    tokenizer = tokenizers.load_tokenizer(cond.tokenizer, cond.tokenizer_path,
+                                          max_length=cond.max_length)
+    target = os.path.join(directory, TOKENIZER_DIR)
+    os.makedirs(target)
+    if os.path.isdir(tokenizer.path):  # a CLIP tokenizer folder: its special tokens live in configs
+        for name in _TOKENIZER_FOLDER_FILES:
+            if os.path.isfile(os.path.join(tokenizer.path, name)):
+                shutil.copy2(os.path.join(tokenizer.path, name), target)
+        paths = {"conditioning.tokenizer_path": TOKENIZER_DIR}
+    else:  # WordPiece: the one vocab.txt / tokenizer.json (same name: same identity digest)
+        shutil.copy2(tokenizer.path, target)
+        paths = {"conditioning.tokenizer_path":
+                 f"{TOKENIZER_DIR}/{os.path.basename(tokenizer.path)}"}
+    if cond.text_encoder != "bert":  # frozen: the weights are not in the parameter tree
+        if not cond.encoder_path:
+            raise BundleError(f"save_bundle: conditioning.text_encoder={cond.text_encoder!r} is "
+                              f"a frozen encoder but conditioning.encoder_path is empty; set it "
+                              f"to the encoder's folder (config.json + model.safetensors).")
+        _copy_encoder_folder(tokenizers.resolve_asset_path(cond.encoder_path),
+                             os.path.join(directory, ENCODER_DIR))
+        paths["conditioning.encoder_path"] = ENCODER_DIR
+    return paths
+
+
+def _copy_encoder_folder(source: str, target: str) -> None:
+    """config.json + model.safetensors of a transformers model folder (a pytorch_model.bin is
+    converted to safetensors, so the bundle never holds a pickle)."""
+    from ldm_jax.conditioning.ldm_bert import read_transformers_folder
+    from ldm_jax.storage import weights_io
+    os.makedirs(target)
+    weights = os.path.join(source, "model.safetensors")
+    if os.path.isfile(os.path.join(source, "config.json")) and os.path.isfile(weights):
+        shutil.copy2(os.path.join(source, "config.json"), target)
+        shutil.copy2(weights, target)
+        return
+    config, state_dict = read_transformers_folder(source, "conditioning.encoder_path")
+    with open(os.path.join(target, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    weights_io.save_safetensors(dict(state_dict), os.path.join(target, "model.safetensors"),
+                                metadata={"format": "pt"})
 
 
 def _sync(name: str) -> None:
@@ -181,7 +260,16 @@ def load_bundle(directory: str) -> Bundle:
         raise BundleError(f"{path}: bundle version {record['version']} is newer than this "
                           f"ldm_jax understands ({VERSION}); upgrade ldm_jax.")
     params = _restore_params(os.path.join(directory, _PARAMS))
-    config = config_lib.config_from_json(record["config"])
+    config_json = record["config"]
+    for field, relative in record.get("bundle_paths", {}).items():
+        # Files the bundle carries (tokenizer, frozen text encoder): absolute from here on.
+        absolute = os.path.join(directory, relative)
+        if not os.path.exists(absolute):
+            raise BundleError(f"{directory}: bundle.json's {field} names '{relative}', which the "
+                              f"bundle does not hold; the bundle is damaged, export it again.")
+        group, name = field.split(".")
+        config_json[group][name] = absolute
+    config = config_lib.config_from_json(config_json)
 
     first_stage = None
     if record.get("first_stage_config") is not None:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.conditioning import encoders
 from ldm_jax.config.loading import ConfigError
 from ldm_jax.diffusion import ema as ema_lib
 from ldm_jax.diffusion import losses as diffusion_losses
@@ -63,7 +64,8 @@ class LatentContext:
     that decodes them and the class names of their labels."""
 
     def __init__(self, *, latent_shape, kind: str, scale_factor: float, first_stage=None,
-                 class_names=(), num_classes: int = 0):
+                 class_names=(), num_classes: int = 0, box_classes: int = 0,
+                 box_class_names=()):
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.kind = kind  # 'kl' | 'vq' | 'synthetic'
         self.key = "moments" if kind == "kl" else "latent"
@@ -71,12 +73,16 @@ class LatentContext:
         self.first_stage = first_stage
         self.class_names = tuple(class_names)
         self.num_classes = int(num_classes)  # label classes in the data (0: no labels)
+        self.box_classes = int(box_classes)  # classes of the layouts' box labels (0: none)
+        self.box_class_names = tuple(box_class_names)
 
     @classmethod
     def from_bundle(cls, bundle) -> "LatentContext":
         """The latent context of an inference bundle (no data set is read)."""
         config = bundle.config
-        classes = config.model.num_classes - 1 if config.conditioning.kind == "class" else 0
+        kind = config.conditioning.kind
+        classes = {"class": config.model.num_classes - 1,
+                   "class_crossattn": config.conditioning.num_embed_classes - 1}.get(kind, 0)
         return cls(latent_shape=config.data.latent_shape,
                    kind="synthetic" if bundle.first_stage is None else bundle.first_stage.kind,
                    scale_factor=bundle.scale_factor, first_stage=bundle.first_stage,
@@ -91,8 +97,9 @@ class LatentContext:
             if data_cfg.latent_shape is None:
                 raise ConfigError("data.source='synthetic_latents' needs data.latent_shape, e.g. "
                                   "--config.data.latent_shape=8,8,3.")
+            boxes = data_cfg.num_classes if data_cfg.boxes_key else 0
             return cls(latent_shape=data_cfg.latent_shape, kind="synthetic", scale_factor=1.0,
-                       num_classes=data_cfg.num_classes)
+                       num_classes=data_cfg.num_classes, box_classes=boxes)
         if data_cfg.source != "latents":
             raise ConfigError(f"config.data.source={data_cfg.source!r}: stage 2 trains on "
                               f"'latents' (from python -m ldm_jax.precompute_latents) or "
@@ -106,9 +113,12 @@ class LatentContext:
         label_key = data_cfg.label_key
         names = meta.get("class_names", {}).get(label_key, []) if label_key else []
         count = meta.get("num_classes", {}).get(label_key, len(names)) if label_key else 0
+        box_names = meta.get("class_names", {}).get("box_labels", [])
+        box_count = meta.get("num_classes", {}).get("box_labels", len(box_names))
         return cls(latent_shape=meta["latent_shape"], kind=meta["kind"],
                    scale_factor=meta["scale_factor"], first_stage=first_stage,
-                   class_names=names, num_classes=count)
+                   class_names=names, num_classes=count, box_classes=box_count,
+                   box_class_names=box_names)
 
 
 def _check_or_fill(config, field: str, value, known: str, fix: str) -> None:
@@ -140,31 +150,65 @@ def resolve_config(config, latents: LatentContext):
             f"be divisible by {2**halvings}: precompute from an image size divisible by "
             f"{2**halvings} x the first stage's f, or use fewer levels.")
     kind = config.conditioning.kind
-    if kind not in ("none", "class"):
-        raise ConfigError(f"config.conditioning.kind={kind!r}: use 'none' or 'class'.")
-    if kind == "class":
+    if kind not in encoders.KINDS:
+        raise ConfigError(f"config.conditioning.kind={kind!r}: use one of {encoders.KINDS}.")
+    if kind in ("class", "class_crossattn"):
         if latents.num_classes < 1:
             raise ConfigError(
-                f"config.conditioning.kind='class' needs class labels, but the data has none "
+                f"config.conditioning.kind={kind!r} needs class labels, but the data has none "
                 f"under config.data.label_key={config.data.label_key!r} (an image folder needs "
                 f"class sub-folders, a TFDS set a ClassLabel feature); use conditioning.kind="
                 f"'none' or set data.label_key to the label feature and precompute again.")
-        _check_or_fill(config, "model.num_classes", latents.num_classes + 1,
+        field = "model.num_classes" if kind == "class" else "conditioning.num_embed_classes"
+        _check_or_fill(config, field, latents.num_classes + 1,
                        f"the data has {latents.num_classes} classes, so it should be",
                        f"(K + 1: the last id is the null label for guidance); set "
-                       f"--config.model.num_classes={latents.num_classes + 1} or 0 to derive it.")
+                       f"--config.{field}={latents.num_classes + 1} or 0 to derive it.")
         config.conditioning.class_names = tuple(latents.class_names)
+    if kind == "layout":
+        _check_or_fill(config, "conditioning.num_layout_classes", latents.box_classes,
+                       "the data's box labels have classes", "set it to 0 to take it from the data.")
+        if config.conditioning.num_layout_classes < 1:
+            raise ConfigError("config.conditioning.kind='layout' needs the box label classes: set "
+                              "conditioning.num_layout_classes (the data records none).")
+        if latents.box_class_names and not config.conditioning.class_names:
+            config.conditioning.class_names = tuple(latents.box_class_names)
+    if kind in ("class_crossattn", "text", "layout"):
+        if kind == "class_crossattn" and not config.model.context_dim:
+            config.model.context_dim = config.conditioning.width
+        config.model.use_spatial_transformer = True
+    elif config.model.use_spatial_transformer:
+        raise ConfigError(f"config.model.use_spatial_transformer=True needs a cross-attention "
+                          f"condition, but conditioning.kind={kind!r}: use 'text', 'layout' or "
+                          f"'class_crossattn', or set use_spatial_transformer=False.")
     return config
 
 
+def check_context_dim(config, condition) -> None:
+    """model.context_dim = the condition encoder's width (filled when 0, checked otherwise)."""
+    if condition.context_dim:
+        _check_or_fill(config, "model.context_dim", condition.context_dim,
+                       "the condition encoder's width is",
+                       "set it to 0 to take it from the encoder.")
+
+
 class DiffusionTask:
-    """Builds, steps and evaluates the latent diffusion model for the generic train loop."""
+    """Builds, steps and evaluates the latent diffusion model for the generic train loop.
+
+    Conditions travel as small dicts of arrays (`label` [B] or `tokens` [B, L], see
+    ldm_jax/conditioning/encoders.py); `self.condition` turns them into the UNet's `context`
+    / `y`. A jointly trained condition encoder's weights sit in the stage-2 parameter tree
+    under `cond_stage_model`; a frozen one's are in `constants()['cond_stage']`.
+    """
 
     name = "diffusion"
 
     def __init__(self, config, latents: LatentContext | None = None):
         self.latents = LatentContext.from_config(config) if latents is None else latents
-        config = self.config = resolve_config(config, self.latents)
+        config = resolve_config(config, self.latents)
+        self.condition = encoders.make_condition(config)
+        check_context_dim(config, self.condition)
+        self.config = config
         self.input_key = self.latents.key
         self.dtype = compute_dtype(config.dtype)
         self.model = make_unet(config.model, self.dtype)
@@ -174,22 +218,39 @@ class DiffusionTask:
             self.schedule, config.diffusion.parameterization, config.diffusion.loss_type, gamma)
         self.tx, self.lr = make_optimizer(config.optimizer, global_batch_size=config.batch_size,
                                           total_steps=config.total_steps)
-        self.class_conditional = config.conditioning.kind == "class"
-        self.null_label = config.model.num_classes - 1 if self.class_conditional else None
+        kind = config.conditioning.kind
+        self.class_conditional = kind in ("class", "class_crossattn")
+        self.null_label = self.condition.null_label if self.class_conditional else None
+        # The input pipeline's per-example hook (captions / layouts -> tokens); class labels
+        # are read by the pipeline itself.
+        self.condition_fn = self.condition.condition_fn if kind in ("text", "layout") else None
 
     # ----------------------------------------------------------------------------- state
     def phase_for_step(self, step: int) -> str:
         return "main"
 
     def constants(self) -> dict:
-        fs = self.latents.first_stage
-        return {} if fs is None else {"first_stage": fs.params}
+        out = {}
+        if self.latents.first_stage is not None:
+            out["first_stage"] = self.latents.first_stage.params
+        frozen = self.condition.frozen_params()
+        if frozen is not None:
+            out["cond_stage"] = frozen
+        return out
 
     def init_state(self, rng: jax.Array, input_shape=None) -> TrainState:
-        k_params, k_state = jax.random.split(rng)
+        k_params, k_cond, k_state = jax.random.split(rng, 3)
         x = jnp.zeros((1,) + self.latents.latent_shape, jnp.float32)
-        y = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
-        params = self.model.init({"params": k_params}, x, jnp.zeros((1,), jnp.int32), y=y)["params"]
+        null = jax.tree_util.tree_map(jnp.asarray, self.condition.null(1))
+        cond_params = self.condition.init(k_cond)
+        frozen = self.condition.frozen_params()
+        unet_kwargs = jax.eval_shape(lambda p, f: self.condition.encode(p, f, null),
+                                     cond_params, frozen)
+        unet_kwargs = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), unet_kwargs)
+        params = self.model.init({"params": k_params}, x, jnp.zeros((1,), jnp.int32),
+                                 **unet_kwargs)["params"]
+        if cond_params is not None:
+            params = {**params, encoders.COND_STAGE_KEY: cond_params}
         return TrainState(step=jnp.asarray(0, jnp.int32), params={"model": params},
                           opt_state={"model": self.tx.init(params)}, ema_params=params,
                           rng=jax.random.key_data(k_state))
@@ -205,30 +266,37 @@ class DiffusionTask:
             z = batch["latent"]
         return z.astype(jnp.float32) * self.latents.scale_factor
 
-    def labels_from_batch(self, batch: dict, rng, p_uncond: float):
-        if not self.class_conditional:
-            return None
-        y = batch["label"].astype(jnp.int32)
-        if p_uncond > 0:
-            drop = jax.random.bernoulli(rng, p_uncond, y.shape)
-            y = jnp.where(drop, self.null_label, y)
-        return y
+    def condition_from_batch(self, batch: dict, rng=None, p_uncond: float = 0.0) -> dict:
+        """The batch's conditions, each replaced by the null one with probability p_uncond."""
+        cond = {k: batch[k] for k in self.condition.keys}
+        if cond and p_uncond > 0:
+            cond = self.condition.drop(cond, rng, p_uncond)
+        return cond
 
-    def _apply(self, params, x_t, t, y, *, train=False, dropout_rng=None):
+    def unet_inputs(self, params, constants: dict, cond: dict) -> dict:
+        """The UNet's condition keyword arguments (`context`, `y`) for a condition batch."""
+        _, cond_params = encoders.split_params(params)
+        return self.condition.encode(cond_params, constants.get("cond_stage"), cond)
+
+    def _apply(self, params, x_t, t, unet_kwargs, *, train=False, dropout_rng=None):
         rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else {}
-        return self.model.apply({"params": params}, x_t, t, y=y, train=train, rngs=rngs)
+        unet_params, _ = encoders.split_params(params)
+        return self.model.apply({"params": unet_params}, x_t, t, train=train, rngs=rngs,
+                                **unet_kwargs)
 
     # ----------------------------------------------------------------------------- steps
     def train_step(self, state: TrainState, batch: dict, constants: dict,
                    phase: str = "main") -> tuple[TrainState, dict]:
         k_latent, k_drop, k_loss, k_dropout = jax.random.split(state.step_rng(), 4)
         z0 = self.latents_from_batch(batch, k_latent)
-        y = self.labels_from_batch(batch, k_drop, self.config.conditioning.p_uncond)
+        cond = self.condition_from_batch(batch, k_drop, self.config.conditioning.p_uncond)
 
         def loss(params):
-            apply = lambda p, x_t, t, cond: self._apply(p, x_t, t, cond, train=True,
-                                                        dropout_rng=k_dropout)
-            return self.loss_fn(apply, params, z0, k_loss, y)
+            # The condition is encoded inside the loss: a jointly trained encoder gets gradients.
+            unet_kwargs = self.unet_inputs(params, constants, cond)
+            apply = lambda p, x_t, t, kw: self._apply(p, x_t, t, kw, train=True,
+                                                      dropout_rng=k_dropout)
+            return self.loss_fn(apply, params, z0, k_loss, unet_kwargs)
 
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params["model"])
         params, opt_state = apply_gradients(self.tx, state.params["model"],
@@ -247,7 +315,7 @@ class DiffusionTask:
         cfg = self.config.diffusion
         mask = batch["mask"].astype(jnp.float32)
         z0 = self.latents_from_batch(batch, jax.random.key(0))
-        y = self.labels_from_batch(batch, None, 0.0)
+        unet_kwargs = self.unet_inputs(state.ema_params, constants, self.condition_from_batch(batch))
         noise_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(batch["index"])
         noise = jax.vmap(lambda k: jax.random.normal(k, z0.shape[1:]))(noise_keys)
         buckets = np.linspace(0, cfg.timesteps - 1, cfg.eval_timestep_buckets).round().astype(int)
@@ -256,7 +324,7 @@ class DiffusionTask:
         for t_value in buckets:
             t = jnp.full((z0.shape[0],), int(t_value), jnp.int32)
             x_t = q_sample(self.schedule, z0, t, noise)
-            out = self._apply(state.ema_params, x_t, t, y)
+            out = self._apply(state.ema_params, x_t, t, unet_kwargs)
             target = {"eps": noise, "x0": z0}.get(cfg.parameterization)
             if target is None:
                 target = v_target(self.schedule, z0, t, noise)
@@ -271,21 +339,31 @@ class DiffusionTask:
         result["num_examples"] = float(sums["count"])
         return result
 
-    def sample_latents(self, params, rng, num: int, *, labels=None, sampler=None,
+    def sample_latents(self, params, rng, num: int, *, cond: dict | None = None, labels=None,
+                       constants: dict | None = None, sampler=None,
                        guidance_scale: float | None = None) -> jax.Array:
-        """Scaled latents z_0 sampled with the config's (or the given) sampler."""
+        """Scaled latents z_0 sampled with the config's (or the given) sampler.
+
+        `cond` is a condition batch of `num` rows (`labels` is shorthand for {'label': labels});
+        None samples the null condition. The condition is encoded once, before the reverse
+        loop; guidance scale s gives out_u + s (out_c - out_u), so s = 1 is the plain
+        conditional prediction and costs one network call per step.
+        """
         sampler = sampler or make_sampler(self.config, self.schedule)
         scale = self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale
         shape = (num,) + self.latents.latent_shape
-        if self.class_conditional:
-            apply = lambda x, t, y: self._apply(params, x, t, y)
-            if scale != 1.0:
-                uncond = jnp.full_like(labels, self.null_label)
-                model_fn = samplers.guided_model_fn(apply, labels, uncond, scale)
-            else:
-                model_fn = functools.partial(lambda x, t: apply(x, t, labels))
+        constants = constants or {}
+        if cond is None and labels is not None:
+            cond = {"label": labels}
+        null = jax.tree_util.tree_map(jnp.asarray, self.condition.null(num))
+        conditioned = cond is not None and bool(self.condition.keys)
+        c_kwargs = self.unet_inputs(params, constants, cond if conditioned else null)
+        apply = lambda x, t, kw: self._apply(params, x, t, kw)
+        if conditioned and scale != 1.0:
+            u_kwargs = self.unet_inputs(params, constants, null)
+            model_fn = samplers.guided_model_fn(apply, c_kwargs, u_kwargs, scale)
         else:
-            model_fn = lambda x, t: self._apply(params, x, t, None)
+            model_fn = lambda x, t: apply(x, t, c_kwargs)
         return sampler(model_fn, shape, rng)
 
     def decode(self, constants: dict, z: jax.Array) -> jax.Array:
@@ -295,15 +373,17 @@ class DiffusionTask:
         z = z[..., :3] if z.shape[-1] >= 3 else jnp.repeat(z[..., :1], 3, axis=-1)
         return jnp.clip(z / 3.0, -1.0, 1.0)
 
-    def grid_labels(self, num: int):
-        if not self.class_conditional:
-            return None
-        return jnp.arange(num, dtype=jnp.int32) % self.null_label
+    def grid_condition(self, batch: dict, num: int):
+        """Conditions of the training grids: every class in turn, else the batch's own."""
+        if self.class_conditional:
+            return {"label": jnp.arange(num, dtype=jnp.int32) % self.null_label}
+        cond = self.condition_from_batch(batch)
+        return cond or None
 
     def image_step(self, state: TrainState, batch: dict, constants: dict) -> dict:
         """EMA samples (fixed seed) decoded through the first stage, beside decoded data latents."""
         num = batch[self.latents.key].shape[0]
         z = self.sample_latents(state.ema_params, jax.random.key(self.config.seed), num,
-                                labels=self.grid_labels(num))
+                                cond=self.grid_condition(batch, num), constants=constants)
         data = self.decode(constants, self.latents_from_batch(batch, jax.random.key(0)))
         return {"data": data, "samples": self.decode(constants, z)}

@@ -103,7 +103,8 @@ def _set_up(config) -> _Setup:
     task = make_task(config)
     config = task.config
     example_iter = pipeline.make_eval_iterator(
-        config.data, global_batch_size=config.batch_size, num_examples=config.batch_size)
+        config.data, global_batch_size=config.batch_size, num_examples=config.batch_size,
+        condition_fn=_condition_fn(task))
     example = next(iter(example_iter))
     example_iter.close()
     example.pop("mask", None)
@@ -117,6 +118,12 @@ def _set_up(config) -> _Setup:
     return _Setup(config=config, task=task, mesh=mesh, example=example,
                   abstract_batch=abstract_batch, abstract_state=abstract_state,
                   state_shardings=state_shardings, init_fn=init_fn)
+
+
+def _condition_fn(task):
+    """The task's per-example condition hook for the input pipeline (captions / layouts ->
+    tokens), if it has one."""
+    return getattr(task, "condition_fn", None)
 
 
 def _restore_or_init(setup: _Setup, ckpt, workdir: str, config_json: dict):
@@ -194,7 +201,8 @@ def _evaluate(setup: _Setup, state, steps: _Steps) -> dict:
     config = setup.config
     totals = None
     iterator = pipeline.make_eval_iterator(config.data, global_batch_size=config.batch_size,
-                                           num_examples=config.eval_num_examples)
+                                           num_examples=config.eval_num_examples,
+                                           condition_fn=_condition_fn(setup.task))
     try:
         for local in iterator:
             sums = steps.eval(state, sharding.global_batch(local, setup.mesh), steps.constants)
@@ -291,7 +299,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, start_step, data_step, last_good = _restore_or_init(setup, ckpt, workdir, config_json)
         train_iter = pipeline.make_train_iterator(setup.config.data,
                                                   global_batch_size=setup.config.batch_size,
-                                                  seed=setup.config.seed, start_step=data_step)
+                                                  seed=setup.config.seed, start_step=data_step,
+                                                  condition_fn=_condition_fn(setup.task))
         steps = _compile(setup, start_step)
         writer = logging_utils.MetricWriter(workdir)
         terminate.install()

@@ -1,0 +1,52 @@
+"""Layout-to-image LDM on the embedded digits: 64x64 canvases with two or three digits, each in
+a requested box ("7:0.1,0.1,0.45,0.45;3:0.55,0.5,0.95,0.95").
+
+First stage: the digits KL-f4 autoencoder of the README pipeline (fully convolutional, so the
+64 px canvases give 16x16x3 latents). A layout is tokenised as the paper's layout2img does (per
+object: its digit, then its two corners on a 32x32 grid) and encoded by a small jointly trained
+BERT transformer (width 64, 2 layers); the UNet cross-attends to it at 16x16, 8x8 and 4x4.
+Condition dropout 0.1 (the empty layout is the null condition), guidance 2.
+Pipeline: bash launch/digits_pipeline.sh layout
+Variants: none, `smoke` (tiny UNet and transformer on synthetic latents with one box each).
+"""
+
+from ldm_jax.config import defaults as config_defaults
+
+
+def get_config(arg=None):
+    c = config_defaults.diffusion_config(
+        first_stage_kind="kl", model_channels=32,
+        channel_mult=(1, 2, 2), attention_resolutions=(1, 2, 4), num_head_channels=32)
+    c.source_data = config_defaults.data_config(
+        source="digits_layout", image_size=64, label_key=None, boxes_key="boxes",
+        box_labels_key="box_labels")
+    c.latents.scale_num_examples = 1024
+    c.data.latents_dir = "data/digits_layout_kl_f4_latents"
+    c.data.label_key = None
+    c.data.boxes_key, c.data.box_labels_key = "boxes", "box_labels"
+    c.model.num_res_blocks = 1
+    c.conditioning.kind = "layout"
+    c.conditioning.class_names = tuple(str(d) for d in range(10))
+    c.conditioning.max_length = 16  # 3 objects x 3 tokens + BOS/EOS
+    c.conditioning.width, c.conditioning.depth = 64, 2
+    c.conditioning.heads, c.conditioning.dim_head = 4, 16
+    c.conditioning.p_uncond = 0.1
+    c.sampling.guidance_scale = 2.0
+    c.sampling.num_steps = 50
+    c.batch_size = 32
+    c.total_steps = 3000
+    c.log_every_steps = 100
+    c.eval_every_steps = 1500
+    c.eval_num_examples = 128
+    c.image_every_steps = 1500
+    c.checkpoint_every_steps = 1000
+    c.num_grid_images = 16
+    c.ema.decay = 0.999
+    c.optimizer.base_learning_rate = 1e-3 / 32
+    c.optimizer.warmup_steps = 100
+    c.optimizer.weight_decay = 0.0
+    if arg == "smoke":
+        c = config_defaults.smoke_diffusion(c, latent_channels=3)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r}; use none or 'smoke'.")
+    return c
