@@ -1,8 +1,6 @@
 """Cross-attention conditioning end to end: condition dropout, guidance, every new config's smoke
 run, and sampling from prompts / layouts / labels with the command line's errors."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +11,6 @@ from ldm_jax import sample
 from ldm_jax.conditioning import encoders
 from ldm_jax.tasks.diffusion import DiffusionTask, make_sampler
 from ldm_jax.training.trainer import train_and_evaluate
-
-NEW_CONFIGS = ["cin256_v2.py", "text2img256.py", "txt2img_1p4b.py", "layout2img.py",
-               "ldm_digits_text.py", "ldm_digits_layout.py"]
-
 
 def tiny(name, **settings):
     return smoke_config(name, "async_checkpointing=false", "sampling.num_steps=2",
@@ -67,24 +61,31 @@ def test_guidance_scale_one_is_the_conditional_prediction(text_task):
     assert float(jnp.max(jnp.abs(out_c - out_u))) > 1e-4
 
 
-@pytest.mark.parametrize("name", NEW_CONFIGS)
+def _check_smoke_run(name, workdir, result, steps):
+    assert result["step"] == steps and result["finite"] == 1.0, name
+    config = DiffusionTask(tiny(name)).config
+    assert config.model.use_spatial_transformer, name
+    assert config.model.context_dim == config.conditioning.width == 32, name
+
+
+# The digits configs and cin256_v2 are trained by the `trained` fixture below.
+@pytest.mark.parametrize("name", ["text2img256.py", "txt2img_1p4b.py", "layout2img.py"])
 def test_new_config_smoke_run(tmp_path, name):
     workdir = str(tmp_path / "run")
     result = train_and_evaluate(tiny(name, total_steps=2, checkpoint_every_steps=2,
                                      log_every_steps=1), workdir)
-    assert result["step"] == 2 and result["finite"] == 1.0
-    config = DiffusionTask(tiny(name)).config
-    assert config.model.use_spatial_transformer
-    assert config.model.context_dim == config.conditioning.width == 32
+    _check_smoke_run(name, workdir, result, 2)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """One-step smoke runs of the digits text / layout configs and cin256_v2, sampled below."""
     runs = {}
     for name, kind in (("ldm_digits_text.py", "text"), ("ldm_digits_layout.py", "layout"),
                        ("cin256_v2.py", "class_crossattn")):
         workdir = str(tmp_path_factory.mktemp(kind))
-        train_and_evaluate(tiny(name, total_steps=1, checkpoint_every_steps=1), workdir)
+        result = train_and_evaluate(tiny(name, total_steps=1, checkpoint_every_steps=1), workdir)
+        _check_smoke_run(name, workdir, result, 1)
         runs[kind] = workdir
     return runs
 
@@ -97,7 +98,7 @@ def test_sample_from_prompts_layouts_and_labels(tmp_path, trained):
                         "--prompt=a handwritten one", f"--prompts_file={prompts}",
                         "--steps=2", "--batch_size=8"]) == 0
     npz = np.load(out / "samples.npz")
-    assert npz["images"].shape == (3, 8 * 4, 8 * 4, 3) or npz["images"].shape[0] == 3
+    assert npz["images"].shape[0] == 3 and npz["images"].dtype == np.uint8
     assert list(npz["prompts"]) == ["a handwritten one", "number seven", "the digit 3"]
     out = tmp_path / "layout"
     assert sample.main([f"--workdir={trained['layout']}", f"--out={out}", "--num=2",
@@ -136,7 +137,6 @@ def test_long_prompt_is_truncated_with_a_warning(text_task):
 
 
 def test_missing_tokenizer_file_names_it(tmp_path):
-    from ldm_jax.config.loading import ConfigError  # noqa: F401
     config = tiny("ldm_digits_text.py", **{"conditioning.tokenizer_path": str(tmp_path / "vocab.txt")})
     with pytest.raises(Exception, match="vocab.txt"):
         DiffusionTask(config)
@@ -148,4 +148,3 @@ def test_prompt_to_a_class_model_in_the_library_is_a_condition_error():
         task.condition.request(2, prompts=["a dog"])
     cond = task.condition.request(3, labels="1,2")
     assert list(cond["label"]) == [1, 2, 1]
-    assert os.path.basename(__file__) == "test_conditioning.py"

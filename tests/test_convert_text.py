@@ -40,6 +40,16 @@ GUIDANCE = 3.0
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The torch references are tiny: one thread, instead of contending with XLA's (10x faster
+    on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _random_tree(tree, seed, std=0.05):
     """Every leaf N(0, std^2): no zero-initialised layer hides a lost array."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -165,6 +175,23 @@ def test_compvis_text2img_checkpoint_converts_and_samples_from_prompts(tmp_path,
     assert np.abs(red["images"][0].astype(int) - blue["images"][0]).max() > 0
     np.testing.assert_array_equal(red["images"][1], blue["images"][1])
 
+    # Back to diffusers: LDMTextToImagePipeline loads bert/ (the converted weights) and a
+    # BertTokenizer from the shipped vocab.txt giving the same token ids.
+    exported = str(tmp_path / "exported")
+    assert convert_main([f"--source={moved}", f"--output={exported}", "--to=diffusers"]) == 0
+    pipe = diffusers.LDMTextToImagePipeline.from_pretrained(exported)
+    fields = dict(vocab_size=30522, max_length=77, width=WIDTH, depth=1, heads=8, dim_head=8,
+                  ff_mult=4)
+    expected = ldm_bert.ldm_bert_params_to_diffusers(bert, fields)
+    got = state_dict_np(pipe.bert)
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    prompts = ["A red bus!", "a cat", ""]
+    np.testing.assert_array_equal(
+        pipe.tokenizer(prompts, padding="max_length", max_length=77)["input_ids"],
+        sampling.load_bundle_task(moved)[1].condition.request(3, prompts=prompts)["tokens"])
+
     # A vocabulary that does not fit the encoder's embedding is a one-line error naming the flag.
     small = tmp_path / "vocab.txt"
     small.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]) + "\n")
@@ -238,6 +265,7 @@ def _sd_pipeline(root):
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
     src = str(root / "sd")
     pipe.save_pretrained(src)
     # As a Stable Diffusion folder ships them (transformers 5 saves only tokenizer.json).
@@ -305,6 +333,7 @@ def test_stable_diffusion_folder_converts_samples_prompts_and_matches_diffusers(
     exported = str(tmp_path / "exported")
     assert convert_main([f"--source={out}", f"--output={exported}", "--to=diffusers"]) == 0
     pipe2 = diffusers.StableDiffusionPipeline.from_pretrained(exported)
+    pipe2.set_progress_bar_config(disable=True)
     for a, b2 in ((pipe.unet, pipe2.unet), (pipe.vae, pipe2.vae),
                   (pipe.text_encoder, pipe2.text_encoder)):
         _equal_state_dicts(a, b2)
@@ -383,26 +412,73 @@ def test_ldm_text_to_image_folder_round_trip(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# python -m ldm_jax.export of text and layout runs
+# python -m ldm_jax.export of a text run; layout and frozen-encoder bundles
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,condition", [
-    ("ldm_digits_text.py", "--prompt=the digit 7"),
-    ("ldm_digits_layout.py", "--layout=1:0.1,0.1,0.5,0.5"),
-])
-def test_exported_text_and_layout_runs_sample_after_a_move(tmp_path, name, condition):
+def test_exported_text_run_samples_prompts_after_a_move(tmp_path):
     run = str(tmp_path / "run")
-    train_and_evaluate(smoke_config(name, "async_checkpointing=false", "eval_every_steps=0",
-                                    "image_every_steps=0", total_steps=1,
+    train_and_evaluate(smoke_config("ldm_digits_text.py", "async_checkpointing=false",
+                                    "eval_every_steps=0", "image_every_steps=0", total_steps=1,
                                     checkpoint_every_steps=1), run)
     out = str(tmp_path / "bundle")
     assert export.main([f"--workdir={run}", f"--output={out}"]) == 0
-    text = name == "ldm_digits_text.py"
-    assert os.path.isfile(os.path.join(out, "tokenizer", "vocab.txt")) == text
+    # The shipped vocabulary the run names as package://... is inside the bundle now.
+    assert os.path.isfile(os.path.join(out, "tokenizer", "vocab.txt"))
     moved = str(tmp_path / "moved")
     shutil.move(out, moved)
     shutil.rmtree(run)
-    npz = _sample(moved, tmp_path / "s", condition)
-    assert npz["images"].shape[0] == 2
-    if text:
-        assert list(npz["prompts"]) == ["the digit 7"] * 2
+    npz = _sample(moved, tmp_path / "s", "--prompt=the digit 7")
+    assert npz["images"].shape[0] == 2 and list(npz["prompts"]) == ["the digit 7"] * 2
+
+
+def test_layout_bundle_samples_layouts(tmp_path):
+    """A layout model's tokenizer is built from its config: nothing to copy, and the bundle
+    (which reads no data) knows its box classes from the saved config."""
+    from ldm_jax.tasks.diffusion import DiffusionTask
+    task = DiffusionTask(smoke_config("ldm_digits_layout.py"))
+    params = _random_tree(task.init_state(jax.random.key(0)).params["model"], 1)
+    out = str(tmp_path / "bundle")
+    bundle_lib.save_bundle(out, config=task.config, unet_params=params)
+    assert sorted(os.listdir(out)) == ["bundle.json", "params"]
+    npz = _sample(out, tmp_path / "s", "--layout=1:0.1,0.1,0.5,0.5")
+    assert list(npz["layouts"]) == ["1:0.1,0.1,0.5,0.5"] * 2
+
+
+def test_frozen_text_encoder_and_tokenizer_travel_in_the_bundle(tmp_path):
+    """A frozen transformers BERT given as pytorch_model.bin: the bundle holds config.json +
+    model.safetensors and the vocabulary, and samples once the originals are gone."""
+    from ldm_jax.conditioning.hf_bert import hf_bert_params_from_transformers
+    from ldm_jax.tasks.diffusion import DiffusionTask
+    words, encoder = tmp_path / "words", tmp_path / "encoder"
+    words.mkdir()
+    (words / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(BERT_WORDS), hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=80))
+    randomize(model, seed=20)
+    encoder.mkdir()
+    model.config.to_json_file(str(encoder / "config.json"))
+    torch.save(model.state_dict(), str(encoder / "pytorch_model.bin"))
+    config = smoke_config("ldm_digits_text.py", **{
+        "conditioning.text_encoder": "hf_bert", "conditioning.encoder_path": str(encoder),
+        "conditioning.tokenizer_path": str(words / "vocab.txt")})
+    task = DiffusionTask(config)
+    params = _random_tree(task.init_state(jax.random.key(0)).params["model"], 1)
+    out = str(tmp_path / "bundle")
+    bundle_lib.save_bundle(out, config=task.config, unet_params=params)
+    assert sorted(os.listdir(os.path.join(out, "text_encoder"))) == ["config.json",
+                                                                     "model.safetensors"]
+    shutil.rmtree(encoder)
+    shutil.rmtree(words)
+    moved = str(tmp_path / "moved")
+    shutil.move(out, moved)
+    _, task2, b = sampling.load_bundle_task(moved)
+    assert b.config.conditioning.encoder_path == os.path.join(moved, "text_encoder")
+    _equal_trees(task2.constants()["cond_stage"],
+                 hf_bert_params_from_transformers(state_dict_np(model)))
+    npz = _sample(moved, tmp_path / "s", "--prompt=a red bus")
+    assert list(npz["prompts"]) == ["a red bus"] * 2
+    # A damaged bundle (its tokenizer gone) is a clear error naming the file.
+    os.remove(os.path.join(moved, "tokenizer", "vocab.txt"))
+    with pytest.raises(bundle_lib.BundleError, match="tokenizer/vocab.txt"):
+        bundle_lib.load_bundle(moved)

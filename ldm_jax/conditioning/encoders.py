@@ -164,9 +164,32 @@ class _TokenCondition:
 
 
 class TextCondition(_TokenCondition):
-    """Captions -> tokens -> text encoder -> context [B, L, width]."""
+    """Captions -> tokens -> text encoder -> context [B, L, width].
+
+    With `conditioning.precompute_context` (frozen encoders only) the context is computed once,
+    by precompute_latents (`encode_texts`), and stored in the latent shards: batches then carry
+    `context` [B, L, width] (one of the example's captions, drawn as captions are) instead of
+    `tokens`, `encode` passes it through, and the null condition is the encoded empty prompt.
+    The frozen weights then stay out of the jitted steps (`frozen_params()` is None); prompts
+    for sampling are encoded on the host by `request`.
+    """
 
     kind = "text"
+    FROZEN_ENCODERS = ("clip_text", "hf_bert")
+    _ENCODE_ROWS = 64  # most texts per call of the host-side encoder
+
+    @classmethod
+    def wants_precomputed_context(cls, cfg) -> bool:
+        """`cfg.precompute_context` of a `conditioning` config group, checked: only kind='text'
+        with a frozen text encoder can precompute its context."""
+        if not cfg.precompute_context:
+            return False
+        if cfg.kind != "text" or cfg.text_encoder not in cls.FROZEN_ENCODERS:
+            raise ConfigError(
+                f"config.conditioning.precompute_context=True needs conditioning.kind='text' with "
+                f"a frozen text_encoder {cls.FROZEN_ENCODERS}, got kind={cfg.kind!r}, "
+                f"text_encoder={cfg.text_encoder!r}; set precompute_context=False.")
+        return True
 
     def __init__(self, cfg):
         super().__init__()
@@ -174,6 +197,9 @@ class TextCondition(_TokenCondition):
         if cfg.text_encoder not in TEXT_ENCODERS:
             raise ConfigError(f"config.conditioning.text_encoder={cfg.text_encoder!r}: use one "
                               f"of {TEXT_ENCODERS}.")
+        self.precomputed = self.wants_precomputed_context(cfg)
+        if self.precomputed:
+            self.keys = ("context",)
         self.encoder_name = cfg.text_encoder
         self.tokenizer = tokenizers.load_tokenizer(cfg.tokenizer, cfg.tokenizer_path,
                                                    max_length=cfg.max_length)
@@ -198,12 +224,89 @@ class TextCondition(_TokenCondition):
             from ldm_jax.conditioning.tokenizers import resolve_asset_path
             self.module, self._frozen = load(resolve_asset_path(cfg.encoder_path))
             self.context_dim = int(self.module.width)
+        self._host_lock = threading.RLock()  # the host encoder and the null context, built once
+        self._host_encoder = None
+        self._null_context = None
+        self._weights_sha256 = None
 
     def identity(self) -> dict:
         return {"kind": self.kind, "text_encoder": self.encoder_name,
                 "tokenizer": self.tokenizer.identity()}
 
+    def context_identity(self) -> dict:
+        """What decides a precomputed context: the frozen encoder (name, sha256 of its weights,
+        width) and the token ids it reads (tokenizer identity, max_length). Stored in the
+        latents' metadata as `context_encoder` and compared when training reads them."""
+        if self._weights_sha256 is None:
+            import hashlib
+            digest = hashlib.sha256()
+            leaves = jax.tree_util.tree_leaves_with_path(self._frozen)
+            for path, leaf in sorted(leaves, key=lambda x: jax.tree_util.keystr(x[0])):
+                leaf = np.ascontiguousarray(np.asarray(leaf))
+                digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+                digest.update(leaf.tobytes())
+            self._weights_sha256 = digest.hexdigest()
+        return {"text_encoder": self.encoder_name, "weights_sha256": self._weights_sha256,
+                "width": self.context_dim, "max_length": self.tokenizer.max_length,
+                "tokenizer": self.tokenizer.identity()}
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 [N, L, width]: `texts` tokenised and run through the frozen encoder on this
+        host's first device (jitted; rows padded to a power of two up to _ENCODE_ROWS, so a few
+        shapes compile). Used by precompute_latents, the null context and sampling prompts."""
+        tokens = self.tokenize(list(texts))
+        out = []
+        for start in range(0, len(tokens), self._ENCODE_ROWS):
+            chunk = tokens[start:start + self._ENCODE_ROWS]
+            rows = min(self._ENCODE_ROWS, 1 << (len(chunk) - 1).bit_length())
+            padded = np.zeros((rows,) + chunk.shape[1:], np.int32)
+            padded[:len(chunk)] = chunk
+            out.append(np.asarray(self._host_apply(padded), np.float32)[:len(chunk)])
+        if not out:
+            return np.zeros((0, self.tokenizer.max_length, self.context_dim), np.float32)
+        return np.concatenate(out)
+
+    def _host_apply(self, tokens: np.ndarray):
+        # Compiled ahead of time, once per row count: a compiled executable runs at once even
+        # when called while a step is being traced (the null context inside init_state).
+        with self._host_lock:
+            if self._host_encoder is None:
+                with jax.ensure_compile_time_eval():  # real arrays, also inside a trace
+                    weights = jax.device_put(self._frozen, jax.local_devices()[0])
+                self._host_encoder = (weights, {})
+            weights, compiled = self._host_encoder
+            if tokens.shape not in compiled:
+                apply = jax.jit(lambda w, t: self.module.apply({"params": w}, t))
+                compiled[tokens.shape] = apply.lower(weights, tokens).compile()
+        return compiled[tokens.shape](weights, tokens)
+
+    def null_context(self) -> np.ndarray:
+        """float32 [L, width]: the encoded empty prompt (computed once, on the host)."""
+        with self._host_lock:
+            if self._null_context is None:
+                self._null_context = self.encode_texts([self._empty])[0]
+        return self._null_context
+
+    @staticmethod
+    def _pick(count: int, rng, train: bool) -> Optional[int]:
+        """Which of an example's `count` captions conditions it: a random one per epoch in
+        training, the first in eval (None: it has none)."""
+        if count == 0:
+            return None
+        if train and rng is not None:
+            return int(rng.integers(count))
+        return 0
+
     def condition_fn(self, fields, rng, train):
+        if self.precomputed:
+            context = fields.get("context")
+            if context is None:
+                raise ConditionError(
+                    "conditioning.precompute_context=True needs latents with a stored context: "
+                    "precompute them with it set, or set conditioning.precompute_context=False.")
+            context = np.asarray(context, np.float32)
+            row = self._pick(len(context), rng, train)
+            return {"context": self.null_context() if row is None else context[row]}
         caption = fields.get("caption")
         if caption is None:
             raise ConditionError("conditioning.kind='text' needs captions: set data.caption_key "
@@ -211,15 +314,21 @@ class TextCondition(_TokenCondition):
                                  "feature, or add <image>.txt files beside a folder's images.")
         if not isinstance(caption, str):
             captions = [c.decode() if isinstance(c, bytes) else str(c) for c in caption]
-            if not captions:
-                caption = ""
-            elif train and rng is not None:
-                caption = captions[int(rng.integers(len(captions)))]
-            else:
-                caption = captions[0]
+            row = self._pick(len(captions), rng, train)
+            caption = "" if row is None else captions[row]
         elif isinstance(caption, bytes):
             caption = caption.decode()
         return {"tokens": self.tokenize([caption])[0]}
+
+    def null(self, n):
+        if not self.precomputed:
+            return super().null(n)
+        return {"context": np.repeat(self.null_context()[None], n, axis=0)}
+
+    def drop(self, cond, rng, p):
+        if not self.precomputed:
+            return super().drop(cond, rng, p)
+        return {"context": _drop_rows(cond["context"], jnp.asarray(self.null_context()), rng, p)}
 
     def init(self, rng):
         if self._frozen is not None:
@@ -228,16 +337,28 @@ class TextCondition(_TokenCondition):
         return self.module.init({"params": rng}, tokens)["params"]
 
     def frozen_params(self):
-        return self._frozen
+        # A precomputed context needs no encoder in the jitted steps.
+        return None if self.precomputed else self._frozen
 
     def encode(self, params, frozen, cond):
+        if self.precomputed:
+            if "context" not in cond:
+                raise ConditionError("conditioning.precompute_context=True: conditions carry the "
+                                     "encoded 'context'; build them with condition.request(...) "
+                                     "or condition.encode_texts(...), not tokens.")
+            return {"context": jnp.asarray(cond["context"], jnp.float32)}
         weights = frozen if self._frozen is not None else params
         return {"context": self.module.apply({"params": weights}, cond["tokens"])}
 
     def request(self, num, *, prompts=None, layouts=None, labels=None, class_names=()):
         _refuse(self.kind, layouts=layouts, labels=labels)
         prompts = list(prompts or [""])
-        return {"tokens": self.tokenize([prompts[i % len(prompts)] for i in range(num)])}
+        rows = [prompts[i % len(prompts)] for i in range(num)]
+        if self.precomputed:  # encoded here, on the host: the steps hold no text encoder
+            unique = list(dict.fromkeys(rows))
+            context = self.encode_texts(unique)
+            return {"context": context[[unique.index(r) for r in rows]]}
+        return {"tokens": self.tokenize(rows)}
 
 
 class LayoutCondition(_TokenCondition):

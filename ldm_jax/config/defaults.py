@@ -283,6 +283,11 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     cond.max_length = 77  # context length (tokens); longer prompts are truncated with a warning.
     # Frozen encoders ('clip_text', 'hf_bert'): folder with config.json + model.safetensors.
     cond.encoder_path = ""
+    # Frozen encoders only: precompute_latents encodes every caption once and stores the
+    # context [k, L, width] beside the latents, so a train step runs no text encoder (sampling
+    # encodes its prompts on the host). The latents record the encoder's identity (weights
+    # digest, tokenizer, max_length); training refuses latents of another encoder.
+    cond.precompute_context = False
     # The jointly trained transformer ('bert' text encoder and the layout encoder): width
     # (= the UNet's context_dim), depth, heads x dim_head (x-transformers defaults 8 x 64).
     cond.width = 640

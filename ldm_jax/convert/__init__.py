@@ -10,7 +10,9 @@ Library functions (flat torch-style state dicts of numpy arrays <-> flax params 
   ae_params_from_diffusers / ae_params_to_diffusers / ae_params_from_compvis / ae_params_to_compvis
 
 File-level conversion (what `python -m ldm_jax.convert` runs) lives in
-`ldm_jax.convert.compvis` (.ckpt + YAML) and `ldm_jax.convert.diffusers_io` (folders, export).
+`ldm_jax.convert.compvis` (.ckpt + YAML) and `ldm_jax.convert.diffusers_io` (folders, export);
+`ldm_jax.convert.text_io` converts condition encoders (CompVis BERTEmbedder / ClassEmbedder,
+diffusers LDMBertModel / CLIPTextModel folders with their tokenizers) both ways.
 Unknown or missing keys and unrepresentable options raise `ConversionError` naming them.
 """
 

@@ -58,6 +58,9 @@ def convert_to_ldm_jax(args) -> str:
         unet_dir, vae_dir, sched = diffusers_io.pipeline_parts(src)
         sched = args.scheduler or sched
         text_folder = src if text_io.has_text_encoder(src) else ""
+        skipped = diffusers_io.unconverted_parts(src)
+        if skipped:
+            _log(f"not converted (ldm_jax has no use for them): {', '.join(skipped)}.")
     elif diffusers_io.is_model_folder(src):
         cls = _class_name(src)
         if cls in ("AutoencoderKL", "VQModel"):

@@ -139,6 +139,14 @@ def convert_to_bundle_kwargs(unet_dir: str, vae_dir: str, scheduler_json: Option
                 first_stage_params=ae, scale_factor=scale, source=source)
 
 
+def unconverted_parts(path: str) -> list:
+    """Sub-folders of a pipeline folder that a bundle does not take (safety_checker/, ...)."""
+    from ldm_jax.convert.text_io import TEXT_PARTS
+    known = ("unet", "scheduler") + _VAE_DIRS + TEXT_PARTS
+    return sorted(d for d in os.listdir(path)
+                  if os.path.isdir(os.path.join(path, d)) and d not in known)
+
+
 def pipeline_parts(path: str) -> Tuple[str, str, Optional[str]]:
     """(unet dir, vae dir, scheduler_config.json or None) of a pipeline folder."""
     sched = os.path.join(path, "scheduler", "scheduler_config.json")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -142,15 +142,17 @@ def _compvis_class_embedder(params: Mapping, sd: Mapping[str, np.ndarray], conte
 # diffusers pipeline folders
 # ------------------------------------------------------------------------------------------------
 
+TEXT_PARTS = ("bert", "text_encoder", "tokenizer")
+
+
 def has_text_encoder(folder: str) -> bool:
-    return any(os.path.isdir(os.path.join(folder, d)) for d in ("bert", "text_encoder"))
+    return any(os.path.isdir(os.path.join(folder, d)) for d in TEXT_PARTS[:2])
 
 
 def diffusers_text_encoder(folder: str, *, context_dim: int, log: Log
                            ) -> Tuple[dict, Optional[dict]]:
     """(conditioning fields, cond_stage_model params or None) of a pipeline folder's bert/ or
     text_encoder/ and its tokenizer/."""
-    from ldm_jax.conditioning.ldm_bert import read_transformers_folder
     tokenizer_dir = os.path.abspath(os.path.join(folder, "tokenizer"))
     if not os.path.isdir(tokenizer_dir):
         raise ConversionError(f"--source={folder} has a text encoder but no tokenizer/ folder; "
@@ -159,7 +161,12 @@ def diffusers_text_encoder(folder: str, *, context_dim: int, log: Log
     if os.path.isdir(bert_dir):
         return _diffusers_ldm_bert(bert_dir, tokenizer_dir, context_dim, log)
     encoder_dir = os.path.abspath(os.path.join(folder, "text_encoder"))
-    config, _ = read_transformers_folder(encoder_dir, "text_encoder/")
+    config_path = os.path.join(encoder_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConversionError(f"{encoder_dir}: no config.json; a text_encoder/ folder is a "
+                              f"transformers model (config.json + model.safetensors).")
+    with open(config_path) as f:
+        config = json.load(f)
     kind = config.get("model_type") or ""
     architectures = config.get("architectures") or []
     if kind == "clip_text_model" or "CLIPTextModel" in architectures:
@@ -180,7 +187,11 @@ def diffusers_text_encoder(folder: str, *, context_dim: int, log: Log
         max_length = _tokenizer_max_length(tokenizer_dir, int(module.max_length))
     else:  # a BERT's 512 positions: contexts of the default 77 tokens, as ldm_jax trains them
         max_length = min(77, int(module.max_positions))
-    _tokenizer(tokenizer_kind, tokenizer_dir, max_length, f"{tokenizer_dir}")
+    tokenizer = _tokenizer(tokenizer_kind, tokenizer_dir, max_length, "tokenizer/")
+    if tokenizer.vocab_size > module.vocab_size:
+        raise ConversionError(f"{tokenizer_dir}: the tokenizer has {tokenizer.vocab_size} tokens "
+                              f"but the text encoder embeds {module.vocab_size}; the folder's "
+                              f"tokenizer/ does not belong to its text_encoder/.")
     log(f"text encoder: {'CLIPTextModel' if name == 'clip_text' else 'BertModel'} {width} wide "
         f"(frozen, conditioning.text_encoder={name!r}; the bundle carries its folder), "
         f"{tokenizer_kind} tokenizer, {max_length} tokens.")

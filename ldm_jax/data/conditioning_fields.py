@@ -30,6 +30,9 @@ CAPTION = "caption"
 BOXES = "boxes"
 BOX_LABELS = "box_labels"
 CANONICAL_KEYS = (CAPTION, BOXES, BOX_LABELS)
+# Latents only (conditioning.precompute_context): a frozen text encoder's output for each of
+# the example's captions, float32 [k, L, width], stored by precompute_latents.
+CONTEXT = "context"
 # 'xyxy': x0, y0, x1, y1; 'yxyx': ymin, xmin, ymax, xmax (TFDS BBoxFeature). Both normalised.
 BOX_FORMATS = ("xyxy", "yxyx")
 
@@ -288,11 +291,14 @@ class CanonicalFieldsSource:
 
 def condition_fields(example: Mapping, label_key: str | None = None) -> dict[str, Any]:
     """What a `condition_fn` receives: the canonical fields present in `example`, as
-    caption str | list[str], boxes float32 [N, 4], box_labels int64 [N], and 'label' (the
-    int class id of `label_key`) when there is one."""
+    caption str | list[str], boxes float32 [N, 4], box_labels int64 [N], a precomputed
+    context float32 [k, L, width], and 'label' (the int class id of `label_key`) when there
+    is one."""
     fields: dict[str, Any] = {}
     if CAPTION in example:
         fields[CAPTION] = normalize_caption(example[CAPTION])
+    if CONTEXT in example:
+        fields[CONTEXT] = np.asarray(example[CONTEXT], np.float32)
     if BOXES in example:
         fields[BOXES] = boxes_to_xyxy(example[BOXES])
         if BOX_LABELS in example:
@@ -326,6 +332,7 @@ __all__ = [
     "BOX_LABELS",
     "CANONICAL_KEYS",
     "CAPTION",
+    "CONTEXT",
     "CanonicalFieldsSource",
     "ConditionFn",
     "FieldSpec",

@@ -16,7 +16,8 @@ Each record holds `moments` float32 [h, w, 2C] (KL: posterior mean and log-varia
 concatenated) or `latent` float32 [h, w, C] (VQ: pre-quantisation latent), `index` int64 (the
 position in the source split; records are stored in source order, so it equals the record
 number) and the source's simple conditioning fields under their source names (`label`, `id`,
-text, numeric arrays). The canonical conditioning fields of a source configured with
+text, numeric arrays); with `conditioning.precompute_context`, `context` float32 [k, L, width]
+(the frozen text encoder's output for each of the k captions). The canonical conditioning fields of a source configured with
 `data.caption_key` / `data.boxes_key` (`ldm_jax.data.conditioning_fields`) have fixed types:
 `caption` a Sequence of Text (1..k captions; [] for none), `boxes` float32 [N, 4] normalised
 xyxy in the frame of the ENCODED (center-cropped) image, N varying, `box_labels` int64 [N].
@@ -28,7 +29,9 @@ stored_shape, scale_factor with scale_factor_source ({'method': 'scale_by_std', 
 'split', 'seed', 'ddof'} or {'method': 'fixed'}), num_examples and num_shards per split,
 examples_per_shard, source_data (the config group), features ({key: feature repr}),
 conditioning_keys, skipped_keys, latents_config (the `latents` group the run used),
-dataset_name / tfds_version. scale_by_std is 1 / std(z) (unbiased, over all elements, float64
+dataset_name / tfds_version, and context_encoder (`TextCondition.context_identity()`: the
+text encoder, its weights' sha256, width, max_length, tokenizer) when the context is stored.
+scale_by_std is 1 / std(z) (unbiased, over all elements, float64
 accumulation) over a seeded random sample (numpy default_rng(seed), without replacement) of
 `num_examples` train records, z being a posterior sample mean + exp(logvar / 2) * eps with
 eps = jax.random.normal(fold_in(key(seed), index)) for KL, the stored latent for VQ.
@@ -55,7 +58,7 @@ METADATA_FILE = "ldm_latents.json"
 PROGRESS_DIR = "progress"
 LATENT_KEYS = {"kl": "moments", "vq": "latent"}
 # Names the latents set defines itself; source fields with these names are not carried.
-RESERVED_KEYS = ("index", "moments", "latent")
+RESERVED_KEYS = ("index", "moments", "latent", conditioning_fields.CONTEXT)
 
 DataConfigError = sources_lib.DataConfigError
 
@@ -149,6 +152,41 @@ def check_first_stage_matches(metadata: dict, first_stage_identity: dict) -> Non
             "Decoding them with another autoencoder gives garbage: point stage 2 at the first "
             "stage the latents came from, or recompute the latents with python -m "
             "ldm_jax.precompute_latents --first_stage=<the new run>.")
+
+
+class ContextEncoderMismatchError(UserError, ValueError):
+    """The latents' precomputed context is not the configured text encoder's (or is absent)."""
+
+
+def _flat(identity: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in identity.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_context_encoder_matches(metadata: dict, identity: dict, latents_dir) -> None:
+    """Raises ContextEncoderMismatchError unless the latents hold a context precomputed by the
+    encoder of `identity` (`TextCondition.context_identity()`); the message names each field
+    that differs (weights, tokenizer, max_length...) with both values."""
+    fix = ("precompute the latents again with this encoder (python -m ldm_jax.precompute_latents "
+           "with conditioning.precompute_context=True), or set "
+           "conditioning.precompute_context=False")
+    stored = metadata.get("context_encoder")
+    if not stored:
+        raise ContextEncoderMismatchError(
+            f"conditioning.precompute_context=True but the latents in data.latents_dir="
+            f"{os.fspath(latents_dir)!r} hold no precomputed context: {fix}.")
+    ours, theirs = _flat(identity), _flat(stored)
+    diffs = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diffs:
+        what = "; ".join(f"{k}: latents {theirs.get(k)!r}, config {ours.get(k)!r}" for k in diffs)
+        raise ContextEncoderMismatchError(
+            f"The context in data.latents_dir={os.fspath(latents_dir)!r} was precomputed by "
+            f"another text encoder than config.conditioning's ({what}): {fix}.")
 
 
 class LatentsSource(sources_lib.TfdsSource):
@@ -307,8 +345,16 @@ def canonical_feature(key: str):
     raise KeyError(key)
 
 
+def context_feature(max_length: int, width: int):
+    """The latents-set feature of a precomputed context: float32 [k captions, L, width]."""
+    import tensorflow_datasets as tfds
+
+    return tfds.features.Tensor(shape=(None, int(max_length), int(width)), dtype=np.float32,
+                                encoding="bytes")
+
+
 def make_features(source, first_example: dict, *, image_key: str, kind: str,
-                  stored_shape: Sequence[int]):
+                  stored_shape: Sequence[int], extra: dict | None = None):
     """The latents set's tfds FeaturesDict for a source, and which source fields it carries.
 
     Args:
@@ -317,6 +363,7 @@ def make_features(source, first_example: dict, *, image_key: str, kind: str,
       image_key: the image field (never carried).
       kind: 'kl' | 'vq' (names the latent feature, LATENT_KEYS).
       stored_shape: [h, w, 2C] for KL moments, [h, w, C] for VQ latents.
+      extra: features the precompute adds itself ({'context': context_feature(...)}).
 
     Returns:
       (features, conditioning_keys, skipped_keys): fields that are not simple types (nested
@@ -354,6 +401,7 @@ def make_features(source, first_example: dict, *, image_key: str, kind: str,
         else:
             spec[key] = out
             kept.append(key)
+    spec.update(extra or {})
     return tfds.features.FeaturesDict(spec), kept, skipped
 
 
@@ -376,12 +424,15 @@ def example_serializer(features) -> Callable[[dict], bytes]:
 
 
 __all__ = [
+    "ContextEncoderMismatchError",
     "FirstStageMismatchError",
     "LatentExampleFn",
     "LatentsNotReadyError",
     "LatentsSource",
     "canonical_feature",
+    "check_context_encoder_matches",
     "check_first_stage_matches",
+    "context_feature",
     "example_serializer",
     "latents_source",
     "make_features",

@@ -12,15 +12,17 @@ set that reads with no TensorFlow; the layout and metadata are described in
 `ldm_jax.data.latents`.
 
 Three steps, one function each: `_plan` (first stage, splits, shard layout, features),
-`_scale_factor` (fixed, or scale_by_std over the train split) and `_metadata`.
+`_scale_factor` (fixed, or scale_by_std over the train split) and `_metadata`. With
+`conditioning.precompute_context` each record also gets the frozen text encoder's context of
+its captions (`_add_context`, on the host's first device), and the metadata its identity.
 
 Resume: a split is cut into shards of `examples_per_shard` consecutive examples. A shard is
 written to progress/tmp/, renamed into place when complete, then recorded by a
 progress/<shard>.done.json marker; rerunning the same command skips recorded shards, so a
 crash loses at most the shards in flight and the result is byte-identical to an uninterrupted
-run. progress/run.json fingerprints the first stage and the source; an OUT_DIR written with a
-different one is refused. `ldm_latents.json` is written last (atomically): without it the
-data set is incomplete.
+run. progress/run.json fingerprints the first stage, the source and the context encoder; an
+OUT_DIR written with different ones is refused. `ldm_latents.json` is written last
+(atomically): without it the data set is incomplete.
 
 Multi-host (started like training, see docs/multihost.md; OUT_DIR and the source images on a
 file system every host sees): unfinished shards are
@@ -284,8 +286,12 @@ def sources_split_name(spec: str) -> str:
     return str(spec).split("[")[0].split("+")[0].strip()
 
 
-def _fingerprint(first_stage, src, counts, examples_per_shard, features) -> dict:
+def _fingerprint(first_stage, src, counts, examples_per_shard, features,
+                 context_encoder=None) -> dict:
+    # The context encoder only when set: run.json files written before it existed lack it.
+    context = {"context_encoder": context_encoder} if context_encoder else {}
     return files.to_json_compatible({
+        **context,
         "schema_version": latents_lib.SCHEMA_VERSION,
         "kind": first_stage.kind,
         "model_config_hash": first_stage.identity["model_config_hash"],
@@ -320,6 +326,7 @@ class _Plan:
     data_dir: str
     latent_shape: list
     stored_shape: list
+    context: Any = None  # the TextCondition whose context is stored (precompute_context)
 
     @property
     def counts(self) -> dict:
@@ -348,9 +355,12 @@ def _plan(config, first_stage_dir, output_dir, *, splits, batch_size, examples_p
                               f"{ {s: len(ds) for s, ds in split_sources.items()} }.")
     first_source = next(iter(split_sources.values()))
     stored_shape = latent_shape[:2] + [2 * c if kind == "kl" else c]
+    context = _context_condition(config, getattr(first_source, "canonical_keys", ()))
+    extra = {} if context is None else {conditioning_fields.CONTEXT: latents_lib.context_feature(
+        context.tokenizer.max_length, context.context_dim)}
     features, kept, skipped = latents_lib.make_features(
         first_source, first_source[0], image_key=src.image_key, kind=kind,
-        stored_shape=stored_shape)
+        stored_shape=stored_shape, extra=extra)
     out_root = os.path.abspath(os.path.expanduser(output_dir))
     return _Plan(first_stage=first_stage, src=src, lat=config.latents, mesh=mesh,
                  global_batch=global_batch, examples_per_shard=eps, split_sources=split_sources,
@@ -359,7 +369,32 @@ def _plan(config, first_stage_dir, output_dir, *, splits, batch_size, examples_p
                          for s, ds in split_sources.items()},
                  features=features, kept=kept, skipped=skipped, out_root=out_root,
                  data_dir=latents_lib.tfds_dir(out_root), latent_shape=latent_shape,
-                 stored_shape=stored_shape)
+                 stored_shape=stored_shape, context=context)
+
+
+def _context_condition(config, canonical_keys):
+    """The config's TextCondition when it asks for a precomputed context (else None)."""
+    from ldm_jax.conditioning.encoders import TextCondition, make_condition
+    if "conditioning" not in config or not TextCondition.wants_precomputed_context(
+            config.conditioning):
+        return None
+    if conditioning_fields.CAPTION not in canonical_keys:
+        raise PrecomputeError(
+            "config.conditioning.precompute_context=True needs captions: set "
+            "source_data.caption_key to the caption feature (an image folder: <image>.txt "
+            "files), or set conditioning.precompute_context=False.")
+    return make_condition(config)
+
+
+def _add_context(condition, records: list[dict]) -> None:
+    """records[i]['context'] = float32 [k_i, L, width]: each of its k_i captions encoded by the
+    frozen text encoder (all captions of the shard in one batched, jitted pass)."""
+    captions = [list(r[conditioning_fields.CAPTION]) for r in records]
+    context = condition.encode_texts([c for cs in captions for c in cs])
+    start = 0
+    for record, cs in zip(records, captions):
+        record[conditioning_fields.CONTEXT] = context[start:start + len(cs)]
+        start += len(cs)
 
 
 def _scale_factor(plan: _Plan, encode, params, reader_cfg) -> tuple[float, dict]:
@@ -416,6 +451,8 @@ def _metadata(plan: _Plan, scale: float, scale_source: dict, latents_config: dic
         "class_names": class_names,
         "dataset_name": latents_lib.DATASET_NAME,
         "tfds_version": latents_lib.TFDS_VERSION,
+        **({"context_encoder": plan.context.context_identity()}
+           if plan.context is not None else {}),
     })
 
 
@@ -485,6 +522,8 @@ def _encode_pending(plan: _Plan, on_shard_written):
 
     def write(split, shard, records):
         name = latents_lib.shard_name(split, shard, len(layout[split]))
+        if plan.context is not None:
+            _add_context(plan.context, records)
         latents_writer.write_shard(out_root, data_dir, name, serialize, records)
         return name
 
@@ -534,7 +573,8 @@ def precompute(config, first_stage_dir: str, output_dir: str, *,
                  examples_per_shard=examples_per_shard)
     out_root, data_dir, layout = plan.out_root, plan.data_dir, plan.layout
     latents_writer.claim_output(out_root, data_dir, _fingerprint(
-        plan.first_stage, plan.src, plan.counts, plan.examples_per_shard, plan.features))
+        plan.first_stage, plan.src, plan.counts, plan.examples_per_shard, plan.features,
+        plan.context.context_identity() if plan.context is not None else None))
     lat = plan.lat
     latents_config = files.to_json_compatible({
         "scale_factor": float(lat.scale_factor), "scale_num_examples": int(lat.scale_num_examples),

@@ -52,7 +52,7 @@ def text_prompt_accuracy(task, params, extractor, feat_params, *, sampler, mesh,
             options = dc.captions_for(d, templates)
             prompts += [options[i % len(options)] for i in range(per_digit)]
             digits += [d] * per_digit
-        cond = {"tokens": task.condition.tokenize(prompts)}
+        cond = task.condition.request(len(prompts), prompts=prompts)
         out[name] = {}
         for g in guidance_scales:
             images = _sample(task, params, cond, sampler=sampler, guidance=g, seed=seed,

@@ -42,11 +42,7 @@ def load_bundle_task(directory: str):
     from ldm_jax.storage import bundle as bundle_lib
     from ldm_jax.tasks.diffusion import DiffusionTask, LatentContext
     bundle = bundle_lib.load_bundle(directory)
-    latents = LatentContext.from_bundle(bundle)
-    if bundle.config.conditioning.kind == "layout" and not latents.box_classes:
-        # A bundle reads no data: its box-label class count is the saved config's.
-        latents.box_classes = bundle.config.conditioning.num_layout_classes
-    return bundle.config, DiffusionTask(bundle.config, latents), bundle
+    return bundle.config, DiffusionTask(bundle.config, LatentContext.from_bundle(bundle)), bundle
 
 
 def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True):

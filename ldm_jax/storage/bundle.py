@@ -133,7 +133,11 @@ def save_bundle(directory: str, *, config, unet_params, first_stage_config=None,
         shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crashed export.
         os.makedirs(partial)
         # First: an unusable tokenizer or encoder path fails before the parameters are written.
-        bundle_paths = copy_condition_assets(config, partial)
+        try:
+            bundle_paths = copy_condition_assets(config, partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     _sync("ldm_jax_bundle_start")
 
     tree = {"unet": unet_params}

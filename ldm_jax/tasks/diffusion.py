@@ -86,13 +86,22 @@ class LatentContext:
         return cls(latent_shape=config.data.latent_shape,
                    kind="synthetic" if bundle.first_stage is None else bundle.first_stage.kind,
                    scale_factor=bundle.scale_factor, first_stage=bundle.first_stage,
-                   class_names=config.conditioning.class_names, num_classes=classes)
+                   class_names=config.conditioning.class_names, num_classes=classes,
+                   # A bundle reads no data: its box-label classes are the saved config's.
+                   box_classes=config.conditioning.num_layout_classes if kind == "layout" else 0)
 
     @classmethod
     def from_config(cls, config) -> "LatentContext":
         """From the precomputed latents' metadata (and the first stage it names), or the
-        synthetic latents' config."""
+        synthetic latents' config. With conditioning.precompute_context the latents must hold
+        a context precomputed by the configured text encoder (a one-line error otherwise)."""
         data_cfg = config.data
+        precomputed = encoders.TextCondition.wants_precomputed_context(config.conditioning)
+        if precomputed and data_cfg.source != "latents":
+            raise ConfigError(f"config.conditioning.precompute_context=True reads the context "
+                              f"stored in precomputed latents, but data.source="
+                              f"{data_cfg.source!r}: use data.source='latents' or set "
+                              f"precompute_context=False.")
         if data_cfg.source == "synthetic_latents":
             if data_cfg.latent_shape is None:
                 raise ConfigError("data.source='synthetic_latents' needs data.latent_shape, e.g. "
@@ -110,6 +119,9 @@ class LatentContext:
         workdir = config.first_stage.workdir or meta["first_stage"]["workdir"]
         first_stage = load_first_stage(workdir)
         latents_lib.check_first_stage_matches(meta, first_stage.identity)
+        if precomputed:
+            latents_lib.check_context_encoder_matches(
+                meta, encoders.make_condition(config).context_identity(), data_cfg.latents_dir)
         label_key = data_cfg.label_key
         names = meta.get("class_names", {}).get(label_key, []) if label_key else []
         count = meta.get("num_classes", {}).get(label_key, len(names)) if label_key else 0
