@@ -4,7 +4,7 @@ a requested box ("7:0.1,0.1,0.45,0.45;3:0.55,0.5,0.95,0.95").
 First stage: the digits KL-f4 autoencoder of the README pipeline (fully convolutional, so the
 64 px canvases give 16x16x3 latents). A layout is tokenised as the paper's layout2img does (per
 object: its digit, then its two corners on a 32x32 grid) and encoded by a small jointly trained
-BERT transformer (width 64, 2 layers); the UNet cross-attends to it at 16x16, 8x8 and 4x4.
+BERT transformer (width 64, 2 layers); the UNet cross-attends to it at 8x8 and 4x4 and in the middle block.
 Condition dropout 0.1 (the empty layout is the null condition), guidance 2.
 Pipeline: bash launch/digits_pipeline.sh layout
 Variants: none, `smoke` (tiny UNet and transformer on synthetic latents with one box each).
@@ -16,7 +16,7 @@ from ldm_jax.config import defaults as config_defaults
 def get_config(arg=None):
     c = config_defaults.diffusion_config(
         first_stage_kind="kl", model_channels=32,
-        channel_mult=(1, 2, 2), attention_resolutions=(1, 2, 4), num_head_channels=32)
+        channel_mult=(1, 2, 2), attention_resolutions=(2, 4), num_head_channels=32)
     c.source_data = config_defaults.data_config(
         source="digits_layout", image_size=64, label_key=None, boxes_key="boxes",
         box_labels_key="box_labels")
