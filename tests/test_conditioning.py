@@ -148,3 +148,14 @@ def test_prompt_to_a_class_model_in_the_library_is_a_condition_error():
         task.condition.request(2, prompts=["a dog"])
     cond = task.condition.request(3, labels="1,2")
     assert list(cond["label"]) == [1, 2, 1]
+
+
+def test_layout_evaluation_crops_and_outside_mask():
+    from ldm_jax.evaluation.conditioned import crop_boxes, outside_mask
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[8:24, 32:48] = 200  # a bright square exactly in the box below
+    boxes = np.array([[0.5, 0.125, 0.75, 0.375]], np.float32)
+    crops = crop_boxes(image, boxes)
+    assert crops.shape == (1, 32, 32, 3) and crops.min() == 200
+    mask = outside_mask((64, 64), boxes)
+    assert mask.sum() == 64 * 64 - 16 * 16 and image[mask].max() == 0
