@@ -21,7 +21,7 @@ import numpy as np
 
 from ldm_jax.convert.common import ConversionError, from_flax, leaf, to_flax
 from ldm_jax.conditioning.ldm_bert import (SelfAttention, activation, check_params_match,
-                                           check_sequence_length, embedding_init,
+                                           check_sequence_length, embedding_init, layer_count,
                                            read_transformers_folder, torch_layer_norm)
 from ldm_jax.models.attention import torch_default_init
 
@@ -103,20 +103,12 @@ def _leaves(depth: int):
     return out
 
 
-def _depth(sd: Mapping[str, np.ndarray]) -> int:
-    layers = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")}
-    if not layers or layers != set(range(len(layers))):
-        raise ConversionError("CLIP text encoder: no (or non-contiguous) encoder.layers.{i} keys;"
-                              f" the state dict does not hold a CLIPTextModel (first keys: "
-                              f"{sorted(sd)[:5]})")
-    return len(layers)
-
-
 def clip_text_params_from_transformers(sd: Mapping[str, np.ndarray]) -> Dict:
     """Params from a CLIPTextModel state dict, keys with or without the 'text_model.' prefix."""
     sd = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if k not in _BUFFERS}
-    return to_flax(sd, _leaves(_depth(sd)), "diffusers", "CLIP text encoder")
+    depth = layer_count(sd, "encoder.layers.", "CLIP text encoder", "CLIPTextModel")
+    return to_flax(sd, _leaves(depth), "diffusers", "CLIP text encoder")
 
 
 def clip_text_params_to_transformers(params: Mapping,

@@ -21,7 +21,7 @@ import numpy as np
 
 from ldm_jax.convert.common import ConversionError, from_flax, leaf, to_flax
 from ldm_jax.conditioning.ldm_bert import (SelfAttention, activation, check_params_match,
-                                           check_sequence_length, embedding_init,
+                                           check_sequence_length, embedding_init, layer_count,
                                            read_transformers_folder, torch_layer_norm)
 from ldm_jax.models.attention import torch_default_init
 
@@ -117,19 +117,11 @@ def _encoder_keys(sd: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {k: v for k, v in sd.items() if not k.startswith(_IGNORED)}
 
 
-def _depth(sd: Mapping[str, np.ndarray]) -> int:
-    layers = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer.")}
-    if not layers or layers != set(range(len(layers))):
-        raise ConversionError("BERT encoder: no (or non-contiguous) encoder.layer.{i} keys; the "
-                              "state dict does not hold a BertModel (first keys: "
-                              f"{sorted(sd)[:5]})")
-    return len(layers)
-
-
 def hf_bert_params_from_transformers(sd: Mapping[str, np.ndarray]) -> Dict:
     """Params from a BertModel state dict (keys with or without 'bert.')."""
     sd = _encoder_keys(sd)
-    return to_flax(sd, _leaves(_depth(sd)), "diffusers", "BERT encoder")
+    depth = layer_count(sd, "encoder.layer.", "BERT encoder", "BertModel")
+    return to_flax(sd, _leaves(depth), "diffusers", "BERT encoder")
 
 
 def hf_bert_params_to_transformers(params: Mapping) -> Dict[str, np.ndarray]:

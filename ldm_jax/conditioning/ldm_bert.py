@@ -138,6 +138,16 @@ def check_params_match(module: nn.Module, params: Mapping, length: int, what: st
                               f"params differ, e.g. {'; '.join(bad[:4])})")
 
 
+def layer_count(sd: Mapping[str, np.ndarray], prefix: str, what: str, model: str) -> int:
+    """Number of transformer layers in a transformers state dict whose layer keys read
+    `<prefix><i>.`; ConversionError when there are none or the indices have gaps."""
+    layers = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    if not layers or layers != set(range(len(layers))):
+        raise ConversionError(f"{what}: no (or non-contiguous) {prefix}{{i}} keys; the state dict "
+                              f"does not hold a {model} (first keys: {sorted(sd)[:5]})")
+    return len(layers)
+
+
 def read_transformers_folder(directory: str, what: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
     """(config.json as a dict, the weights) of a transformers model folder (model.safetensors,
     else pytorch_model.bin). MissingWeightsError names the missing file."""
