@@ -343,7 +343,7 @@ def test_only_unreadable_files(tmp_path):
 
 
 def test_registry():
-    assert list(registry.SOURCES) == ["digits", "tfds", "folder", "latents", "synthetic_latents", "digits_captions", "digits_layout"]
+    assert list(registry.SOURCES) == ["digits", "tfds", "folder", "latents", "synthetic_latents", "digits_captions", "digits_layout", "digits_sr", "digits_semantic"]
     with pytest.raises(DataConfigError, match=r"data.source='nope'.*'digits', 'tfds', 'folder'"):
         registry.make_source(defaults.data_config(source="nope"), "train")
     cfg = defaults.data_config(source="synthetic_latents")

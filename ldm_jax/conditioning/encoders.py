@@ -30,16 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import UserError
+from ldm_jax.conditioning.base import (ConditionError, drop_rows, label_of,  # noqa: F401
+                                       refuse)
 from ldm_jax.config.loading import ConfigError
 
 COND_STAGE_KEY = "cond_stage_model"
-KINDS = ("none", "class", "class_crossattn", "text", "layout")
+KINDS = ("none", "class", "class_crossattn", "text", "layout", "concat", "hybrid")
+CONTEXT_KINDS = ("class_crossattn", "text", "layout")  # what kind='hybrid' can add
 TEXT_ENCODERS = ("bert", "clip_text", "hf_bert")
-
-
-class ConditionError(UserError, ValueError):
-    """A condition that does not fit the model (a prompt for a class model, no caption...)."""
 
 
 def split_params(params: dict) -> tuple[dict, Optional[dict]]:
@@ -48,12 +46,6 @@ def split_params(params: dict) -> tuple[dict, Optional[dict]]:
         return params, None
     unet = {k: v for k, v in params.items() if k != COND_STAGE_KEY}
     return unet, params[COND_STAGE_KEY]
-
-
-def _drop_rows(cond: jax.Array, null: jax.Array, rng, p: float) -> jax.Array:
-    drop = jax.random.bernoulli(rng, p, (cond.shape[0],))
-    drop = drop.reshape((-1,) + (1,) * (cond.ndim - 1))
-    return jnp.where(drop, null.astype(cond.dtype), cond)
 
 
 class NoCondition:
@@ -80,23 +72,8 @@ class NoCondition:
         return {}
 
     def request(self, num, *, prompts=None, layouts=None, labels=None, class_names=()):
-        _refuse(self.kind, prompts=prompts, layouts=layouts, labels=labels)
+        refuse(self.kind, prompts=prompts, layouts=layouts, labels=labels)
         return {}
-
-
-def _refuse(kind: str, **given) -> None:
-    flags = {"prompts": "--prompt/--prompts_file", "layouts": "--layout", "labels": "--labels"}
-    for name, value in given.items():
-        if value:
-            raise ConditionError(f"{flags[name]} was given, but this model takes no such "
-                                 f"condition (conditioning.kind={kind!r}).")
-
-
-def _label_of(fields: dict, key_hint: str) -> np.ndarray:
-    if "label" not in fields:
-        raise ConditionError(f"the example has no class label; set data.label_key to the label "
-                             f"feature ({key_hint}) and precompute again.")
-    return np.asarray(fields["label"], np.int32)
 
 
 class ClassCondition:
@@ -112,13 +89,13 @@ class ClassCondition:
         self.keys = ("label",)
 
     def condition_fn(self, fields, rng, train):
-        return {"label": _label_of(fields, "data.label_key")}
+        return {"label": label_of(fields, "data.label_key")}
 
     def null(self, n):
         return {"label": np.full((n,), self.null_label, np.int32)}
 
     def drop(self, cond, rng, p):
-        return {"label": _drop_rows(cond["label"], jnp.int32(self.null_label), rng, p)}
+        return {"label": drop_rows(cond["label"], jnp.int32(self.null_label), rng, p)}
 
     def init(self, rng):
         if self.kind != "class_crossattn":
@@ -135,7 +112,7 @@ class ClassCondition:
         return {"context": jnp.take(params["embedding"], y, axis=0)[:, None, :]}
 
     def request(self, num, *, prompts=None, layouts=None, labels=None, class_names=()):
-        _refuse(self.kind, prompts=prompts, layouts=layouts)
+        refuse(self.kind, prompts=prompts, layouts=layouts)
         return {"label": parse_labels(labels or "", num, num_classes=self.null_label,
                                       class_names=class_names)}
 
@@ -159,7 +136,7 @@ class _TokenCondition:
         return {"tokens": np.repeat(self._null[None], n, axis=0)}
 
     def drop(self, cond, rng, p):
-        return {"tokens": _drop_rows(cond["tokens"], jnp.asarray(self.null(1)["tokens"][0]),
+        return {"tokens": drop_rows(cond["tokens"], jnp.asarray(self.null(1)["tokens"][0]),
                                      rng, p)}
 
 
@@ -328,7 +305,7 @@ class TextCondition(_TokenCondition):
     def drop(self, cond, rng, p):
         if not self.precomputed:
             return super().drop(cond, rng, p)
-        return {"context": _drop_rows(cond["context"], jnp.asarray(self.null_context()), rng, p)}
+        return {"context": drop_rows(cond["context"], jnp.asarray(self.null_context()), rng, p)}
 
     def init(self, rng):
         if self._frozen is not None:
@@ -351,7 +328,7 @@ class TextCondition(_TokenCondition):
         return {"context": self.module.apply({"params": weights}, cond["tokens"])}
 
     def request(self, num, *, prompts=None, layouts=None, labels=None, class_names=()):
-        _refuse(self.kind, layouts=layouts, labels=labels)
+        refuse(self.kind, layouts=layouts, labels=labels)
         prompts = list(prompts or [""])
         rows = [prompts[i % len(prompts)] for i in range(num)]
         if self.precomputed:  # encoded here, on the host: the steps hold no text encoder
@@ -401,7 +378,7 @@ class LayoutCondition(_TokenCondition):
         return {"context": self.module.apply({"params": params}, cond["tokens"])}
 
     def request(self, num, *, prompts=None, layouts=None, labels=None, class_names=()):
-        _refuse(self.kind, prompts=prompts, labels=labels)
+        refuse(self.kind, prompts=prompts, labels=labels)
         from ldm_jax.conditioning.layout import parse_layout
         parsed = [parse_layout(text, class_names) for text in (layouts or [""])]
         return {"tokens": self.tokenize([parsed[i % len(parsed)] for i in range(num)])}
@@ -432,11 +409,31 @@ def parse_labels(text: str, num: int, *, num_classes: int, class_names=None) -> 
 
 
 
-def make_condition(config, *, num_classes: int = 0) -> Any:
+def make_condition(config, *, num_classes: int = 0, latents=None, kind: str | None = None) -> Any:
     """The condition object of a (resolved) stage-2 config. `num_classes` is the data's label
-    (or box-label) class count where the config leaves it to the data."""
+    (or box-label) class count where the config leaves it to the data; `latents` (the task's
+    LatentContext) is needed by image conditions (kind 'concat' / 'hybrid')."""
     cfg = config.conditioning
-    kind = cfg.kind
+    kind = kind or cfg.kind
+    if kind in ("concat", "hybrid"):
+        from ldm_jax.conditioning import image
+        if latents is None:
+            raise ConfigError(f"conditioning.kind={kind!r} needs the latents' context "
+                              f"(first stage, latent shape) to build its condition.")
+        first = latents.first_stage
+        image_cond = image.ImageCondition(
+            cfg, latent_shape=latents.latent_shape,
+            downsampling_factor=first.downsampling_factor if first is not None else 1,
+            latent_kind=latents.kind, scale_factor=latents.scale_factor,
+            encode_moments=first.encode_moments if first is not None else None,
+            num_segmentation_classes=latents.segmentation_classes)
+        if kind == "concat":
+            return image_cond
+        if cfg.context_kind not in CONTEXT_KINDS:
+            raise ConfigError(f"config.conditioning.context_kind={cfg.context_kind!r}: "
+                              f"kind='hybrid' adds one of {CONTEXT_KINDS}.")
+        return image.HybridCondition(image_cond, make_condition(
+            config, num_classes=num_classes, latents=latents, kind=cfg.context_kind))
     if kind == "none":
         return NoCondition()
     if kind == "class":

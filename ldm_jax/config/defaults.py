@@ -78,6 +78,14 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     # How boxes_key stores them: 'xyxy' (x0,y0,x1,y1) or 'yxyx' (ymin,xmin,ymax,xmax, as TFDS
     # BBoxFeature), both normalised to [0, 1]; converted to xyxy.
     d.box_format = "xyxy"
+    # Image conditions (ldm_jax/conditioning/image.py). segmentation_key: the source field of
+    # a label map [H, W] of class ids (TFDS segmentation masks; image folders: any non-empty
+    # value reads `<image stem>.seg.png` beside each image); '' = none. Carried as
+    # 'segmentation'. low_res_key: the source field of a given low-resolution image
+    # [h, w, 3] uint8 (a real low-resolution capture, e.g. the digits' native 8x8), carried
+    # as 'low_res'; '' = none (super-resolution then degrades the image itself).
+    d.segmentation_key = ""
+    d.low_res_key = ""
     d.random_crop = False
     d.random_flip = False
     # A source with only one split (CelebA-HQ in TFDS, a flat folder) holds out this percent
@@ -223,6 +231,10 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     c.latents.scale_factor = 1.0 if first_stage_kind == "vq" else -1.0  # <= 0: scale_by_std.
     c.latents.scale_num_examples = 1024
     c.latents.seed = 0
+    # Store each example's (center-cropped) image beside its latent as 'image' uint8 [H, W, 3]:
+    # image-conditioned tasks (super-resolution, inpainting) degrade or mask it on the fly.
+    # None = True exactly when conditioning.kind is 'concat' or 'hybrid'.
+    c.latents.keep_images = ml_collections.config_dict.placeholder(bool)
 
     # What stage 2 trains on: the precomputed latents ('synthetic_latents' for smoke runs).
     c.data = data_config(source="latents")
@@ -300,6 +312,32 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     cond.num_layout_classes = 0
     # kind='class_crossattn': class count including the null class (0 = from the data, K + 1).
     cond.num_embed_classes = 0
+    # Image conditions (kind='concat', or 'hybrid' = concat + a cross-attention context of
+    # kind `context_kind`), concatenated to z_t on the channel axis at the latent grid
+    # (ldm_jax/conditioning/image.py). image_task: 'sr' (the low-resolution image), 'inpaint'
+    # (the first-stage latent of the masked image + the mask) or 'semantic' (the one-hot
+    # segmentation map through a 1x1 projection).
+    cond.image_task = "sr"
+    cond.context_kind = "text"  # kind='hybrid': 'text', 'layout' or 'class_crossattn'.
+    # image_task='sr': the up-sampling factor (the low-resolution input is image / sr_factor),
+    # and how the input is made from the target: 'bicubic', 'bsr' (the paper's random blur /
+    # down-sampling / noise / JPEG pipeline) or 'given' (the data's `low_res` field).
+    cond.sr_factor = 4
+    cond.degradation = "bicubic"
+    # image_task='inpaint': training masks, drawn per example (ldm_jax/data/masks.py): any of
+    # 'box', 'stroke', 'half' (left/right/top/bottom), chosen uniformly; coverage bounds of the
+    # fill area (fraction of pixels) for boxes and strokes.
+    cond.mask_kinds = ("box", "stroke", "half")
+    cond.mask_min_coverage = 0.1
+    cond.mask_max_coverage = 0.5
+    cond.mask_max_strokes = 4
+    cond.mask_stroke_width = (0.05, 0.15)  # stroke width as a fraction of the image side
+    # image_task='semantic': label-map classes (0 = from the data), the channels the one-hot
+    # map is projected to (the paper: 3) and how: 'learned' (a 1x1 convolution without bias,
+    # trained jointly, as the reference's SpatialRescaler) or 'fixed' (a seeded random one).
+    cond.num_segmentation_classes = 0
+    cond.concat_channels = 3
+    cond.segmentation_projection = "learned"
 
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "use_warmup": True})
 
@@ -355,6 +393,18 @@ def _smoke_conditioning(c: ml_collections.ConfigDict) -> None:
     """Cross-attention conditions on the synthetic latents (which carry captions naming their
     class, or one box per example): a 1-layer, 32-wide condition transformer and 16 tokens."""
     cond, kind = c.conditioning, c.conditioning.kind
+    if kind in ("concat", "hybrid"):
+        # Synthetic latents are their own images (f = 1, 8x8): super-resolve 4x4 inputs, and
+        # read label maps of the 4 synthetic classes + background.
+        c.model.in_channels = 0  # = latent + condition channels
+        cond.sr_factor = 2
+        if cond.image_task == "semantic":
+            c.data.segmentation_key = "segmentation"
+            c.data.num_classes = 4
+            cond.num_segmentation_classes = 0
+        if kind == "concat":
+            return
+        kind = cond.context_kind
     if kind not in ("class_crossattn", "text", "layout"):
         return
     cond.width, cond.depth, cond.heads, cond.dim_head = 32, 1, 2, 16

@@ -12,7 +12,9 @@ Library functions (flat torch-style state dicts of numpy arrays <-> flax params 
 File-level conversion (what `python -m ldm_jax.convert` runs) lives in
 `ldm_jax.convert.compvis` (.ckpt + YAML) and `ldm_jax.convert.diffusers_io` (folders, export);
 `ldm_jax.convert.text_io` converts condition encoders (CompVis BERTEmbedder / ClassEmbedder,
-diffusers LDMBertModel / CLIPTextModel folders with their tokenizers) both ways.
+diffusers LDMBertModel / CLIPTextModel folders with their tokenizers) both ways;
+`ldm_jax.convert.image_io` the image conditions (conditioning.kind='concat': CompVis
+super-resolution, inpainting and semantic synthesis, diffusers' LDMSuperResolutionPipeline).
 Unknown or missing keys and unrepresentable options raise `ConversionError` naming them.
 """
 

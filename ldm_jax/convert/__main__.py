@@ -1,20 +1,24 @@
 """Command line: convert CompVis / diffusers weights to ldm_jax, or ldm_jax to diffusers.
 
   # CompVis LatentDiffusion checkpoint + its YAML -> inference bundle (EMA weights preferred);
-  # a BERTEmbedder (text2img) or ClassEmbedder (cin256-v2) cond_stage_model converts with it
+  # a BERTEmbedder (text2img) or ClassEmbedder (cin256-v2) cond_stage_model converts with it, and
+  # so do concat image conditions: bsr_sr (Identity), inpainting ('__is_first_stage__'),
+  # semantic synthesis (SpatialRescaler)
   python -m ldm_jax.convert --source=model.ckpt --config=config.yaml --output=bundles/ldm \
       [--tokenizer_path=vocab.txt] [--drop=cond_stage_model] [--no_ema]
   # CompVis autoencoder checkpoint + YAML -> first-stage run (usable as --first_stage)
   python -m ldm_jax.convert --source=vq-f4.ckpt --config=vq-f4.yaml --output=runs/ae_vq_f4
   # diffusers pipeline folder (unet/ + vae/ or vqvae/ [+ scheduler/]) -> bundle; with bert/ or
-  # text_encoder/ + tokenizer/ (LDMTextToImagePipeline, Stable Diffusion 1.x) it samples prompts
+  # text_encoder/ + tokenizer/ (LDMTextToImagePipeline, Stable Diffusion 1.x) it samples prompts;
+  # an LDMSuperResolutionPipeline folder becomes a super-resolution bundle
   python -m ldm_jax.convert --source=ldm-pipeline/ --output=bundles/ldm
   # lone diffusers UNet folder + VAE folder [+ scheduler_config.json] -> bundle
   python -m ldm_jax.convert --source=unet/ --vae=vae/ [--scheduler=s.json] --output=bundles/ldm
   # lone diffusers AutoencoderKL / VQModel folder -> first-stage run
   python -m ldm_jax.convert --source=vae/ --output=runs/ae_kl
   # back to diffusers: a bundle -> unet/ vae|vqvae/ scheduler/ [bert/|text_encoder/ tokenizer/]
-  # (+ model_index.json where a stock pipeline fits); an autoencoder run -> one folder
+  # (+ model_index.json where a stock pipeline fits: LDMPipeline, LDMTextToImagePipeline,
+  # StableDiffusionPipeline, LDMSuperResolutionPipeline); an autoencoder run -> one folder
   python -m ldm_jax.convert --source=bundles/ldm --output=out/ --to=diffusers
 
 Nothing is dropped silently: unknown or missing keys are errors listing them; groups ldm_jax

@@ -53,8 +53,9 @@ def convert_to_ldm_jax(args) -> str:
     if args.tokenizer_path:
         raise ConversionError("--tokenizer_path applies to CompVis checkpoints only (a diffusers "
                               "pipeline brings its tokenizer/ folder).")
-    text_folder = ""
+    text_folder, pipeline = "", ""
     if diffusers_io.is_pipeline_folder(src):
+        pipeline = diffusers_io.pipeline_class(src)
         unet_dir, vae_dir, sched = diffusers_io.pipeline_parts(src)
         sched = args.scheduler or sched
         text_folder = src if text_io.has_text_encoder(src) else ""
@@ -77,7 +78,8 @@ def convert_to_ldm_jax(args) -> str:
                               f"nor a pipeline folder (unet/ + vae/ or vqvae/).")
     kwargs = diffusers_io.convert_to_bundle_kwargs(unet_dir, vae_dir, sched,
                                                    scale_factor=args.scale_factor,
-                                                   text_folder=text_folder, log=_log)
+                                                   text_folder=text_folder, pipeline=pipeline,
+                                                   log=_log)
     bundle_lib.save_bundle(args.output, **kwargs)
     return f"wrote bundle {args.output}"
 

@@ -7,14 +7,20 @@ A LatentDiffusion `.ckpt` is a Lightning checkpoint whose state dict holds these
                             (model_ema.diffusion_modelinput_blocks00weight) + decay, num_updates
   first_stage_model.*       the autoencoder
   cond_stage_model.*        the condition encoder: BERTEmbedder (text2img) and ClassEmbedder
-                            (cin256-v2) convert (convert/text_io.py); others need --drop
+                            (cin256-v2) convert (convert/text_io.py), and with conditioning_key
+                            concat the image conditions (convert/image_io.py): Identity
+                            (bsr_sr), '__is_first_stage__' (inpainting: the first stage again,
+                            not kept) and SpatialRescaler (semantic synthesis); others need --drop
   betas, alphas_cumprod...  schedule buffers (recomputed from the YAML; betas are checked)
   scale_factor              present when the model was trained with scale_by_std
 
-The YAML (`--config`) gives the architecture (unet_config / first_stage_config params) and the
-schedule. A standalone autoencoder checkpoint (encoder.*, decoder.*, quant_conv, ...; training
-keeps `loss.*`: LPIPS and discriminator weights) becomes a first-stage run. Pickles are read with
+The YAML (`--config`) gives the architecture (unet_config / first_stage_config params), the
+schedule and the conditioning: `conditioning_key`, or as the reference defaults it, 'concat' when
+`concat_mode` (default true) else 'crossattn', and none for '__is_unconditional__'. A standalone
+autoencoder checkpoint (encoder.*, decoder.*, quant_conv, ...; training keeps `loss.*`: LPIPS and
+discriminator weights) becomes a first-stage run. Pickles are read with
 ldm_jax.storage.weights_io's restricted unpickler: no code inside the file runs.
+`ldm_state_dict_to_compvis` maps a bundle's weights back to these names.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 import numpy as np
 
 from ldm_jax.conditioning.encoders import COND_STAGE_KEY
-from ldm_jax.convert import configs, text_io
+from ldm_jax.convert import configs, image_io, text_io
 from ldm_jax.convert.common import ConversionError, _fmt_list
 from ldm_jax.diffusion.schedules import make_beta_schedule
 
@@ -101,6 +107,10 @@ def ae_fields_from_compvis(target: str, params: Mapping[str, Any]) -> Dict[str, 
     dd = params.get("ddconfig")
     if not isinstance(dd, Mapping):
         raise ConversionError("--config YAML first_stage_config.params.ddconfig is missing.")
+    if dd.get("attn_type", "vanilla") != "vanilla":
+        raise ConversionError(f"--config YAML ddconfig.attn_type={dd['attn_type']!r} is not "
+                              f"supported: ldm_jax's autoencoder has the reference's 'vanilla' "
+                              f"attention blocks (its mid-block attention always).")
     if kind == "kl" and not dd.get("double_z", True):
         raise ConversionError("--config YAML ddconfig.double_z=False for an AutoencoderKL: the "
                               "KL encoder must output mean and log-variance (double_z=True).")
@@ -212,6 +222,21 @@ def diffusion_fields(ldm_params: Mapping[str, Any]) -> Dict[str, Any]:
             "parameterization": param}
 
 
+def conditioning_key(target: str, ldm_params: Mapping[str, Any]) -> Optional[str]:
+    """The conditioning key LatentDiffusion really uses: `conditioning_key`, else 'concat' when
+    `concat_mode` (default true) else 'crossattn'; None for an '__is_unconditional__' (or
+    missing) cond_stage_config. A DDPM takes `conditioning_key` as written."""
+    key = ldm_params.get("conditioning_key")
+    if not target.endswith("LatentDiffusion"):
+        return key
+    cond_stage = ldm_params.get("cond_stage_config")
+    if cond_stage is None or cond_stage == "__is_unconditional__":
+        return None
+    if key is None:
+        key = "concat" if ldm_params.get("concat_mode", True) else "crossattn"
+    return key
+
+
 def load_yaml(path: str) -> dict:
     import yaml
     with open(path) as f:
@@ -246,12 +271,21 @@ def convert_ldm_checkpoint(sd: Mapping[str, np.ndarray], yaml_doc: Mapping, *, d
     ae_fields = ae_fields_from_compvis(fs_target, fs_params)
     ae = convert.ae_params_from_compvis(groups["first_stage_model."], ae_fields)
 
-    cond_key = ldm_params.get("conditioning_key")
-    if cond_key not in (None, "crossattn", "adm"):
+    cond_key = conditioning_key(target, ldm_params)
+    if cond_key not in (None, "crossattn", "adm", "concat"):
         raise ConversionError(f"--config YAML model.params.conditioning_key={cond_key!r} is not "
-                              f"supported (None, 'crossattn', 'adm').")
+                              f"supported (None, 'crossattn', 'adm', 'concat').")
     conditioning, cond_params = {}, None
-    if groups["cond_stage_model."]:
+    if cond_key == "concat":
+        if fields["use_spatial_transformer"]:
+            raise ConversionError("--config YAML unet_config.params.use_spatial_transformer=True "
+                                  "with conditioning_key 'concat': the UNet's cross-attention "
+                                  "would get no context ('hybrid' models are not converted).")
+        conditioning, cond_params = image_io.compvis_concat_stage(
+            ldm_params.get("cond_stage_config"), groups["cond_stage_model."],
+            first_stage_sd=groups["first_stage_model."], unet_fields=fields,
+            ae_fields=ae_fields, log=log)
+    elif groups["cond_stage_model."]:
         if not fields["use_spatial_transformer"] or cond_key != "crossattn":
             cond_sd = groups["cond_stage_model."]
             raise ConversionError(
@@ -272,9 +306,15 @@ def convert_ldm_checkpoint(sd: Mapping[str, np.ndarray], yaml_doc: Mapping, *, d
         raise ConversionError("--config YAML model.params.image_size (latent size) is missing.")
     config = configs.stage2_config(fields, latent_size=size, first_stage_kind=ae_fields["kind"],
                                    diffusion=diffusion,
-                                   num_classes_conditioning=cond_key == "adm")
+                                   num_classes_conditioning=cond_key == "adm",
+                                   latent_channels=(int(ae_fields["embed_dim"])
+                                                    if cond_key == "concat" else None))
     config.latents.scale_factor = scale
-    if cond_params is not None:
+    if cond_key == "concat":
+        config.conditioning.update(conditioning)
+        if cond_params is not None:
+            unet = {**unet, COND_STAGE_KEY: cond_params}
+    elif cond_params is not None:
         config.conditioning.update(conditioning)
         name = conditioning.get("text_encoder", conditioning["kind"])
         config.sampling.guidance_scale = text_io.GUIDANCE[name]
@@ -285,6 +325,33 @@ def convert_ldm_checkpoint(sd: Mapping[str, np.ndarray], yaml_doc: Mapping, *, d
                 first_stage_config=configs.autoencoder_config(ae_fields),
                 first_stage_params=ae, scale_factor=scale,
                 source={"format": "compvis", "target": target})
+
+
+def ldm_state_dict_to_compvis(config, unet_params, first_stage_config,
+                              first_stage_params) -> Dict[str, np.ndarray]:
+    """The inverse of convert_ldm_checkpoint's weight mapping: a LatentDiffusion state dict
+    (model.diffusion_model.*, first_stage_model.*, cond_stage_model.* as the reference names
+    them; no model_ema.* twin, no schedule buffers) of a bundle's parameters."""
+    from ldm_jax import convert
+    from ldm_jax.conditioning.encoders import split_params
+    unet, cond_params = split_params(unet_params)
+    sd = {f"model.diffusion_model.{k}": v
+          for k, v in convert.unet_params_to_compvis(unet, config.model).items()}
+    first_stage = convert.ae_params_to_compvis(first_stage_params, first_stage_config.model)
+    sd.update({f"first_stage_model.{k}": v for k, v in first_stage.items()})
+    kind = config.conditioning.kind
+    if kind == "concat":
+        cond_sd = image_io.cond_stage_to_compvis(config.conditioning, cond_params, first_stage)
+    elif kind == "class_crossattn":
+        cond_sd = {"embedding.weight": np.asarray(cond_params["embedding"], np.float32)}
+    elif cond_params is not None:
+        raise ConversionError(f"conditioning.kind={kind!r}: writing its condition encoder as a "
+                              f"CompVis cond_stage_model is not supported (image conditions and "
+                              f"class embeddings are).")
+    else:
+        cond_sd = {}
+    sd.update({f"cond_stage_model.{k}": v for k, v in cond_sd.items()})
+    return sd
 
 
 def convert_ae_checkpoint(sd: Mapping[str, np.ndarray], yaml_doc: Mapping, *, drop=(),

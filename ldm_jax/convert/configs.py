@@ -16,11 +16,13 @@ DIFFUSERS_PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
 
 def stage2_config(fields: Mapping[str, Any], *, latent_size: int, first_stage_kind: str,
-                  diffusion: Mapping[str, Any], num_classes_conditioning: bool = False
-                  ) -> ml_collections.ConfigDict:
+                  diffusion: Mapping[str, Any], num_classes_conditioning: bool = False,
+                  latent_channels: Optional[int] = None) -> ml_collections.ConfigDict:
     """A stage-2 ConfigDict (config_defaults.diffusion_config structure) for UNet ``fields``.
 
     ``diffusion``: timesteps, beta_schedule, linear_start, linear_end, parameterization.
+    ``latent_channels``: the latents' channels where the UNet also takes a concatenated image
+    condition (in_channels = latent + condition channels); default in_channels.
     """
     c = config_defaults.diffusion_config(
         first_stage_kind=first_stage_kind,
@@ -33,7 +35,8 @@ def stage2_config(fields: Mapping[str, Any], *, latent_size: int, first_stage_ki
         c.model[key] = tuple(value) if isinstance(value, list) else value
     for key, value in diffusion.items():
         c.diffusion[key] = value
-    c.data.latent_shape = (latent_size, latent_size, int(fields["in_channels"]))
+    channels = int(fields["in_channels"]) if latent_channels is None else int(latent_channels)
+    c.data.latent_shape = (latent_size, latent_size, channels)
     if fields.get("num_classes") and num_classes_conditioning:
         c.conditioning.kind = "class"
     return c
@@ -75,6 +78,25 @@ def diffusion_from_scheduler(sched: Optional[Mapping[str, Any]]) -> dict:
             "linear_start": float(sched.get("beta_start", 0.0001)),
             "linear_end": float(sched.get("beta_end", 0.02)),
             "parameterization": DIFFUSERS_PREDICTION[pred]}
+
+
+# What ldm_jax's DDIM does (the reference's timesteps, +1, and abar_0 at the last step), in
+# diffusers' scheduler options and their defaults.
+_DDIM_AS_REFERENCE = {"steps_offset": (1, 0), "set_alpha_to_one": (False, True),
+                      "timestep_spacing": ("leading", "leading")}
+
+
+def sampling_differences(sched: Optional[Mapping[str, Any]]) -> list:
+    """The scheduler_config.json options whose values make diffusers' DDIM step differently from
+    ldm_jax's (which follows the reference): ['steps_offset=0', ...]; [] when none do."""
+    if not sched or sched.get("_class_name", "DDIMScheduler") != "DDIMScheduler":
+        return []
+    out = []
+    for key, (want, default) in _DDIM_AS_REFERENCE.items():
+        have = sched.get(key, default)
+        if have != want:
+            out.append(f"{key}={have!r}")
+    return out
 
 
 def scheduler_from_diffusion(d: Mapping[str, Any]) -> dict:

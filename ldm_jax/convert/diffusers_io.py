@@ -4,15 +4,18 @@ Reading: a model folder is `config.json` + `diffusion_pytorch_model.safetensors`
 read with the restricted unpickler). A pipeline folder has `unet/` and `vae/` (or `vqvae/`, as
 diffusers' LDMPipeline names it) and optionally `scheduler/scheduler_config.json`; a text
 pipeline adds `bert/` (LDMTextToImagePipeline) or `text_encoder/` (StableDiffusionPipeline) and
-`tokenizer/` (convert/text_io.py), and its bundle samples from prompts.
+`tokenizer/` (convert/text_io.py), and its bundle samples from prompts. An
+LDMSuperResolutionPipeline folder (model_index.json; a 6-channel UNet2DModel: latents + the
+low-resolution image) becomes a super-resolution bundle (convert/image_io.py) with latent scale
+1.0, as that pipeline scales nothing.
 
 Writing (`--to=diffusers`): `unet/`, `vae/` (AutoencoderKL) or `vqvae/` (VQModel),
 `scheduler/scheduler_config.json` (a DDIMScheduler matching ldm_jax's DDIM), for text models
 `bert/` or `text_encoder/` + `tokenizer/`, and a `model_index.json` where a stock pipeline fits:
 LDMPipeline (VQ + UNet2DModel), LDMTextToImagePipeline ('bert' text encoder; its first stage
 folder is `vqvae/` whatever its kind, as that pipeline names it), StableDiffusionPipeline
-(CLIP text encoder + KL). Each model folder loads with diffusers' / transformers'
-`from_pretrained`.
+(CLIP text encoder + KL), LDMSuperResolutionPipeline (image_task='sr', VQ + UNet2DModel,
+latent scale 1). Each model folder loads with diffusers' / transformers' `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from ldm_jax.storage import weights_io
-from ldm_jax.convert import configs
+from ldm_jax.convert import configs, image_io
 from ldm_jax.convert.common import ConversionError
 
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -39,6 +42,15 @@ def is_model_folder(path: str) -> bool:
 def is_pipeline_folder(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "unet")) and any(
         os.path.isdir(os.path.join(path, d)) for d in _VAE_DIRS)
+
+
+def pipeline_class(path: str) -> str:
+    """The `_class_name` of a pipeline folder's model_index.json ('' without one)."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return ""
+    with open(index) as f:
+        return str(json.load(f).get("_class_name") or "")
 
 
 def read_model_folder(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
@@ -92,13 +104,23 @@ def convert_unet_folder(path: str) -> Tuple[dict, dict, int]:
 
 def convert_to_bundle_kwargs(unet_dir: str, vae_dir: str, scheduler_json: Optional[str], *,
                              scale_factor: Optional[float] = None, text_folder: str = "",
-                             log: Callable[[str], None] = print) -> dict:
+                             pipeline: str = "", log: Callable[[str], None] = print) -> dict:
     """UNet + VAE folders (+ scheduler config) -> keyword arguments of bundle.save_bundle.
-    `text_folder`: a pipeline folder whose bert/ or text_encoder/ + tokenizer/ condition it."""
+    `text_folder`: a pipeline folder whose bert/ or text_encoder/ + tokenizer/ condition it.
+    `pipeline`: the folder's model_index.json class (LDMSuperResolutionPipeline: an 'sr' UNet)."""
     from ldm_jax.conditioning.encoders import COND_STAGE_KEY
     from ldm_jax.convert import text_io
     fields, unet, size = convert_unet_folder(unet_dir)
     ae_config, ae, vae_scale = convert_vae_folder(vae_dir)
+    latent = int(ae_config.model.embed_dim)
+    image_cond = {}
+    if pipeline == image_io.SR_PIPELINE:
+        image_cond = image_io.diffusers_sr_conditioning(fields, ae_config.model, unet_dir, log)
+    elif int(fields["in_channels"]) != latent:
+        raise ConversionError(f"{unet_dir}: the UNet takes {fields['in_channels']} input channels "
+                              f"but the autoencoder's latents have {latent}; an image-conditioned "
+                              f"UNet converts from its pipeline folder (model_index.json naming "
+                              f"{image_io.SR_PIPELINE}).")
     sched = None
     if scheduler_json is not None:
         with open(scheduler_json) as f:
@@ -107,8 +129,19 @@ def convert_to_bundle_kwargs(unet_dir: str, vae_dir: str, scheduler_json: Option
         log("no scheduler config given: using ldm_jax's default schedule (linear 0.0015..0.0195, "
             "1000 steps, eps).")
     diffusion = configs.diffusion_from_scheduler(sched)
-    scale = vae_scale if scale_factor is None else float(scale_factor)
-    log(f"latent scale factor {scale} ({'--scale_factor' if scale_factor is not None else 'the VAE config scaling_factor'}).")
+    differ = configs.sampling_differences(sched)
+    if differ:
+        log(f"note: the scheduler's {', '.join(differ)} step DDIM differently from ldm_jax, which "
+            f"follows the reference (steps_offset=1, set_alpha_to_one=False, 'leading'): same "
+            f"betas, slightly different samples.")
+    if scale_factor is not None:
+        scale, origin = float(scale_factor), "--scale_factor"
+    elif image_cond:  # the pipeline decodes its latents as they are
+        scale, origin = 1.0, (f"{image_io.SR_PIPELINE} scales nothing; the vqvae config's "
+                              f"scaling_factor {vae_scale} is unused")
+    else:
+        scale, origin = vae_scale, "the VAE config scaling_factor"
+    log(f"latent scale factor {scale} ({origin}).")
     conditioning, cond_params = {}, None
     if text_folder:
         if not fields["use_spatial_transformer"]:
@@ -121,10 +154,14 @@ def convert_to_bundle_kwargs(unet_dir: str, vae_dir: str, scheduler_json: Option
             "encoder came with it (a pipeline folder's bert/ or text_encoder/ + tokenizer/), "
             "so the bundle is for inspection/export, not sampling.")
     config = configs.stage2_config(fields, latent_size=size, first_stage_kind=ae_config.model.kind,
-                                   diffusion=diffusion, num_classes_conditioning=True)
+                                   diffusion=diffusion, num_classes_conditioning=True,
+                                   latent_channels=latent)
     config.latents.scale_factor = scale
     source = {"format": "diffusers", "unet": os.path.abspath(unet_dir),
               "vae": os.path.abspath(vae_dir)}
+    if image_cond:
+        config.conditioning.update(image_cond)
+        source["pipeline"] = pipeline
     if conditioning:
         config.conditioning.update(conditioning)
         config.sampling.guidance_scale = text_io.GUIDANCE[conditioning["text_encoder"]]
@@ -183,6 +220,7 @@ def export_bundle(out_dir: str, bundle, log: Callable[[str], None] = print) -> N
     from ldm_jax.conditioning.encoders import split_params
     from ldm_jax.convert import text_io
     text_io.check_exportable(bundle.config)
+    image_io.check_exportable(bundle.config)
     unet_params, cond_params = split_params(bundle.unet_params)
     if bundle.first_stage is None:
         raise ConversionError(f"{bundle.directory}: the bundle has no first stage, which a "
@@ -210,7 +248,11 @@ def export_bundle(out_dir: str, bundle, log: Callable[[str], None] = print) -> N
     components = text_io.write_text_parts(out_dir, bundle.config, cond_params, log)
     vae_class = ["diffusers", "AutoencoderKL" if kind == "kl" else "VQModel"]
     index = None
-    if kind == "vq" and unet_cfg["_class_name"] == "UNet2DModel":
+    if cond.kind == "concat":  # image_task='sr' (check_exportable refused the others)
+        index = image_io.export_index(cond, kind, bundle.first_stage.downsampling_factor,
+                                      unet_cfg["_class_name"], bundle.scale_factor, vae_class,
+                                      log)
+    elif kind == "vq" and unet_cfg["_class_name"] == "UNet2DModel":
         # Exactly diffusers' unconditional LDMPipeline (vqvae + unet + scheduler); KL latent
         # diffusion without text has no stock pipeline, so its folders are loaded one by one.
         index = {"_class_name": "LDMPipeline", "vqvae": vae_class}

@@ -1,19 +1,33 @@
-"""Canonical conditioning fields: captions and object layouts, whatever the source calls them.
+"""Canonical conditioning fields: captions, object layouts and image conditions, whatever the
+source calls them.
 
-Every image source can carry, besides its image and class label, the fields text and layout
-conditioning read, under fixed names and types:
+Every image source can carry, besides its image and class label, the fields text, layout and
+image conditioning read, under fixed names and types:
 
-  'caption':    str, or list[str] when an image has several captions ('' = no caption);
-  'boxes':      float32 [N, 4], normalised xyxy (x0, y0, x1, y1 in [0, 1]), N may be 0;
-  'box_labels': int64 [N], the class of each box.
+  'caption':      str, or list[str] when an image has several captions ('' = no caption);
+  'boxes':        float32 [N, 4], normalised xyxy (x0, y0, x1, y1 in [0, 1]), N may be 0;
+  'box_labels':   int64 [N], the class of each box;
+  'segmentation': [H, W] class ids, the size of the image: uint8 when every id is <= 255
+                  (always for a uint8 source), else int32 (semantic synthesis);
+  'low_res':      uint8 [h, w, 3], a given low-resolution version of the image, h/H = w/W
+                  (super-resolution with degradation 'given').
 
 Which source field holds them is configured per data set (`data.caption_key`,
-`data.boxes_key`, `data.box_labels_key`, `data.box_format`; see `FieldSpec`); nested TFDS
-features are paths with '/' ('captions/text', 'objects/bbox'). `CanonicalFieldsSource` wraps a
-source and adds the canonical fields to each example; `ldm_jax.data.registry.make_source`
-applies it. From there on, the pipeline (`condition_fields`, the `condition_fn` hook),
-precompute_latents (the `caption` / `boxes` / `box_labels` latents features) and the digits
-data sets of `ldm_jax.data.digits_conditioned` use only the canonical names.
+`data.boxes_key`, `data.box_labels_key`, `data.box_format`, `data.segmentation_key`,
+`data.low_res_key`; see `FieldSpec`); nested TFDS features are paths with '/'
+('captions/text', 'objects/bbox'). `CanonicalFieldsSource` wraps a source and adds the
+canonical fields to each example; `ldm_jax.data.registry.make_source` applies it. From there
+on, the pipeline (`condition_fields`, the `condition_fn` hook), precompute_latents (the
+latents features of the same names) and the digits data sets of
+`ldm_jax.data.digits_conditioned` / `ldm_jax.data.digits_image_tasks` use only the canonical
+names.
+
+Image fields follow the image's geometry (`transform_image_fields`): when the image is
+resized (short side to data.image_size), cropped and flipped, the label map gets the same
+crop and flip after a NEAREST resize to the resized image, and the low-resolution image the
+same crop in its own frame (the window scaled by h/H, w/W) and a bicubic resize to
+image_size * h/H pixels, which must be a whole number (else a DataConfigError: the two cannot
+stay consistent).
 """
 
 from __future__ import annotations
@@ -24,12 +38,20 @@ from typing import Any
 
 import numpy as np
 
+from ldm_jax.data import transforms
 from ldm_jax.data.sources import DataConfigError
 
 CAPTION = "caption"
 BOXES = "boxes"
 BOX_LABELS = "box_labels"
-CANONICAL_KEYS = (CAPTION, BOXES, BOX_LABELS)
+SEGMENTATION = "segmentation"
+LOW_RES = "low_res"
+CANONICAL_KEYS = (CAPTION, BOXES, BOX_LABELS, SEGMENTATION, LOW_RES)
+# The canonical fields that are images: they follow the image's crop, resize and flip.
+IMAGE_FIELDS = (SEGMENTATION, LOW_RES)
+# Latents only (latents.keep_images): the center-cropped image that was encoded, uint8
+# [H, W, 3], stored by precompute_latents beside its latent.
+IMAGE = "image"
 # Latents only (conditioning.precompute_context): a frozen text encoder's output for each of
 # the example's captions, float32 [k, L, width], stored by precompute_latents.
 CONTEXT = "context"
@@ -67,12 +89,16 @@ class FieldSpec:
     caption_keys: source fields holding captions; several fields are joined into one list.
     boxes_key / box_labels_key: source fields of the boxes [N, 4] and their classes [N].
     box_format: 'xyxy' or 'yxyx' (TFDS BBoxFeature), both normalised to [0, 1].
+    segmentation_key: source field of a label map [H, W] (or [H, W, 1]) of class ids.
+    low_res_key: source field of a low-resolution image [h, w, 3] (or greyscale) uint8.
     """
 
     caption_keys: tuple[str, ...] = ()
     boxes_key: str = ""
     box_labels_key: str = ""
     box_format: str = "xyxy"
+    segmentation_key: str = ""
+    low_res_key: str = ""
 
     def __post_init__(self):
         if self.box_format not in BOX_FORMATS:
@@ -87,7 +113,8 @@ class FieldSpec:
 
     @classmethod
     def from_config(cls, data_cfg) -> FieldSpec:
-        """The spec of a `data` config: caption_key, boxes_key, box_labels_key, box_format.
+        """The spec of a `data` config: caption_key, boxes_key, box_labels_key, box_format,
+        segmentation_key, low_res_key.
 
         The one place these fields are read with a fallback: a `data` group built by hand
         rather than by `defaults.data_config` (older tests and tools) may lack them, and
@@ -97,16 +124,21 @@ class FieldSpec:
             return data_cfg.get(name, default) if hasattr(data_cfg, "get") else getattr(
                 data_cfg, name, default)
 
-        boxes = _keys(field("boxes_key"), "boxes_key")
-        labels = _keys(field("box_labels_key"), "box_labels_key")
-        if len(boxes) > 1 or len(labels) > 1:
-            raise DataConfigError("data.boxes_key and data.box_labels_key name one field each.")
-        return cls(_keys(field("caption_key"), "caption_key"), "".join(boxes),
-                   "".join(labels), str(field("box_format") or "xyxy"))
+        single = {}
+        for name in ("boxes_key", "box_labels_key", "segmentation_key", "low_res_key"):
+            keys = _keys(field(name), name)
+            if len(keys) > 1:
+                raise DataConfigError(f"data.{name}={field(name)!r} names several fields; it "
+                                      "names one field (nested with '/'), or '' for none.")
+            single[name] = "".join(keys)
+        return cls(_keys(field("caption_key"), "caption_key"), single["boxes_key"],
+                   single["box_labels_key"], str(field("box_format") or "xyxy"),
+                   single["segmentation_key"], single["low_res_key"])
 
     @property
     def active(self) -> bool:
-        return bool(self.caption_keys or self.boxes_key)
+        return bool(self.caption_keys or self.boxes_key or self.segmentation_key or
+                    self.low_res_key)
 
     def filled(self, defaults: FieldSpec) -> FieldSpec:
         """This spec with its empty entries taken from `defaults` (a data set's own names)."""
@@ -115,7 +147,9 @@ class FieldSpec:
             self.caption_keys or defaults.caption_keys,
             self.boxes_key if own_boxes else defaults.boxes_key,
             self.box_labels_key if own_boxes else defaults.box_labels_key,
-            self.box_format if own_boxes else defaults.box_format)
+            self.box_format if own_boxes else defaults.box_format,
+            self.segmentation_key or defaults.segmentation_key,
+            self.low_res_key or defaults.low_res_key)
 
 
 # ------------------------------------------------------------------------ field conversion
@@ -188,6 +222,47 @@ def boxes_to_xyxy(boxes, box_format: str = "xyxy") -> np.ndarray:
     return np.ascontiguousarray(arr, np.float32)
 
 
+def segmentation_map(value, key: str = "segmentation_key") -> np.ndarray:
+    """A label map as sources store it ([H, W] or [H, W, 1], any integer or bool dtype) ->
+    [H, W] class ids: uint8 when the source's dtype is uint8 / bool or every id is <= 255,
+    else int32. Negative ids, floats and other shapes are a DataConfigError naming
+    `data.<key>`."""
+    arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.dtype.kind not in "biu" or arr.size == 0:
+        raise DataConfigError(
+            f"data.{key}: a label map must be [H, W] (or [H, W, 1]) integer class ids, got "
+            f"dtype {arr.dtype} shape {arr.shape}; point data.{key} at the label map field.")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind == "b":
+        return arr.astype(np.uint8)
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high > np.iinfo(np.int32).max:
+        raise DataConfigError(
+            f"data.{key}: label map class ids must be in 0..{np.iinfo(np.int32).max}, got "
+            f"{low}..{high}.")
+    return arr.astype(np.uint8 if high <= 255 else np.int32)
+
+
+def low_res_image(value, key: str = "low_res_key") -> np.ndarray:
+    """A low-resolution image as sources store it -> uint8 [h, w, 3] (greyscale replicated,
+    alpha dropped); other shapes and dtypes are a DataConfigError naming `data.<key>`."""
+    arr = np.asarray(value)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if (arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.dtype != np.uint8
+            or arr.size == 0):
+        raise DataConfigError(
+            f"data.{key}: a low-resolution image must be uint8 [h, w, 3] (or greyscale [h, w], "
+            f"RGBA [h, w, 4]), got dtype {arr.dtype} shape {arr.shape}; point data.{key} at "
+            "the low-resolution image field.")
+    if arr.shape[-1] == 1:
+        return np.repeat(arr, 3, axis=2)
+    return arr[:, :, :3]
+
+
 def canonical_fields(example: Mapping, spec: FieldSpec) -> dict[str, Any]:
     """The canonical fields of one raw example under `spec` (only those it configures)."""
     out: dict[str, Any] = {}
@@ -209,6 +284,129 @@ def canonical_fields(example: Mapping, spec: FieldSpec) -> dict[str, Any]:
                     f"per box: got dtype {labels.dtype} shape {labels.shape} for "
                     f"{boxes.shape[0]} boxes (data.boxes_key={spec.boxes_key!r}).")
             out[BOX_LABELS] = labels.astype(np.int64)
+    if spec.segmentation_key:
+        out[SEGMENTATION] = segmentation_map(
+            get_field(example, spec.segmentation_key, "segmentation_key"))
+    if spec.low_res_key:
+        out[LOW_RES] = low_res_image(get_field(example, spec.low_res_key, "low_res_key"))
+    return out
+
+
+# --------------------------------------------------------------------- image field geometry
+
+
+def center_geometry(height: int, width: int, image_size: int) -> transforms.Geometry:
+    """The `transforms.Geometry` of the pipeline's eval preprocessing of a height x width
+    image (short side resized to image_size, center crop, no flip), without its pixels.
+
+    Mirrors `transforms.resize_short_side` and `transforms.preprocess_image_with_geometry`
+    (a test checks they agree), so precompute_latents can move image fields into the frame
+    of the encoded image without preprocessing the image twice.
+    """
+    h, w, size = int(height), int(width), int(image_size)
+    if min(h, w) != size:
+        scale = size / min(h, w)
+        if h <= w:
+            h, w = size, max(size, int(round(w * scale)))
+        else:
+            h, w = max(size, int(round(h * scale))), size
+    return transforms.Geometry(h, w, (h - size) // 2, (w - size) // 2, size)
+
+
+def _crop_and_flip(array: np.ndarray, geometry: transforms.Geometry) -> np.ndarray:
+    g = geometry
+    array = array[g.top:g.top + g.size, g.left:g.left + g.size]
+    if g.flipped:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
+
+
+def transform_segmentation(seg: np.ndarray, geometry: transforms.Geometry,
+                           image_hw: Sequence[int]) -> np.ndarray:
+    """A label map of an image_hw image -> the label map of the output square of `geometry`:
+    NEAREST resize to the resized image (no new class ids), then the same crop and flip."""
+    from PIL import Image
+
+    seg = segmentation_map(seg)
+    height, width = int(image_hw[0]), int(image_hw[1])
+    if seg.shape != (height, width):
+        raise DataConfigError(
+            f"data.segmentation_key: the label map is {seg.shape[1]}x{seg.shape[0]} (WxH) but "
+            f"its image is {width}x{height}; a label map must have its image's size.")
+    g = geometry
+    if (g.resized_h, g.resized_w) != seg.shape:
+        # uint8 -> PIL 'L', int32 -> 'I': NEAREST keeps the ids of either.
+        seg = np.asarray(Image.fromarray(seg).resize((g.resized_w, g.resized_h), Image.NEAREST),
+                         seg.dtype)
+    return _crop_and_flip(seg, g)
+
+
+def low_res_output_size(low_hw: Sequence[int], image_hw: Sequence[int], image_size: int) -> int:
+    """The side of the output low-resolution square: image_size * h/H (= image_size * w/W);
+    a DataConfigError when it is not a whole number or the two ratios differ (the
+    low-resolution image could not stay aligned with the image's crop)."""
+    h, w = int(low_hw[0]), int(low_hw[1])
+    height, width = int(image_hw[0]), int(image_hw[1])
+    sides = (image_size * h / height, image_size * w / width)
+    side = int(round(sides[0]))
+    factor = height // h if h and height % h == 0 and width == w * (height // h) else 0
+    hint = (f"set data.image_size to a multiple of {factor}" if factor else
+            "resize the low-resolution images to a whole fraction of their images' size")
+    if any(abs(s - side) > 1e-6 for s in sides) or side < 1:
+        raise DataConfigError(
+            f"data.low_res_key: the low-resolution image is {w}x{h} (WxH) and its image "
+            f"{width}x{height}, so at data.image_size={image_size} it would be "
+            f"{sides[1]:g}x{sides[0]:g} px; the two stay aligned only when data.image_size * "
+            f"h/H and data.image_size * w/W are the same whole number: {hint}.")
+    return side
+
+
+def transform_low_res(low: np.ndarray, geometry: transforms.Geometry,
+                      image_hw: Sequence[int]) -> np.ndarray:
+    """A low-resolution image of an image_hw image -> the low-resolution image of the output
+    square of `geometry`: the crop window in its own frame (scaled by h/H, w/W; sub-pixel
+    windows are resampled, not rounded), bicubic-resized to `low_res_output_size`, then
+    flipped with the image."""
+    from PIL import Image
+
+    low = low_res_image(low)
+    g = geometry
+    side = low_res_output_size(low.shape[:2], image_hw, g.size)
+    h, w = low.shape[:2]
+    box = (g.left * w / g.resized_w, g.top * h / g.resized_h,
+           (g.left + g.size) * w / g.resized_w, (g.top + g.size) * h / g.resized_h)
+    whole = [int(round(b)) for b in box]
+    if all(abs(b - r) < 1e-6 for b, r in zip(box, whole)) and \
+            whole[2] - whole[0] == side and whole[3] - whole[1] == side:
+        out = low[whole[1]:whole[3], whole[0]:whole[2]]  # same size: the pixels as they are
+    else:
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(low)).resize(
+            (side, side), Image.BICUBIC, box=box), np.uint8)
+    if g.flipped:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def transform_image_fields(fields: Mapping, geometry: transforms.Geometry,
+                           image_hw: Sequence[int]) -> dict[str, Any]:
+    """`fields` with its image fields ('segmentation', 'low_res') moved into the output square
+    of `geometry` (the image was image_hw before the pipeline's resize, crop and flip), as
+    `transforms.transform_boxes` moves boxes; other fields are returned as they are."""
+    out = dict(fields)
+    if SEGMENTATION in out:
+        out[SEGMENTATION] = transform_segmentation(out[SEGMENTATION], geometry, image_hw)
+    if LOW_RES in out:
+        out[LOW_RES] = transform_low_res(out[LOW_RES], geometry, image_hw)
+    return out
+
+
+def flip_image_fields(fields: Mapping) -> dict[str, Any]:
+    """`fields` of a left-right mirrored example: 'image', 'segmentation' and 'low_res'
+    mirrored (boxes are `transforms.flip_boxes`'s business)."""
+    out = dict(fields)
+    for key in (IMAGE,) + IMAGE_FIELDS:
+        if key in out:
+            out[key] = np.ascontiguousarray(np.asarray(out[key])[:, ::-1])
     return out
 
 
@@ -231,9 +429,9 @@ class CanonicalFieldsSource:
     """A source whose examples also hold the canonical fields of `spec` (see the module doc).
 
     Has the `split`, `num_classes`, `class_names`, `holdout` and `features` of the wrapped
-    source (other attributes are forwarded to it); when the box labels are a TFDS ClassLabel (e.g. COCO's 'objects/label'), its
-    class count and names are added under 'box_labels'. Thread-safe and picklable when the
-    wrapped source is.
+    source (other attributes are forwarded to it); when the box labels or the label map are
+    a TFDS ClassLabel (e.g. COCO's 'objects/label'), its class count and names are added
+    under 'box_labels' / 'segmentation'. Thread-safe and picklable when the wrapped source is.
     """
 
     def __init__(self, source, spec: FieldSpec):
@@ -244,20 +442,23 @@ class CanonicalFieldsSource:
         self.features = getattr(source, "features", None)
         # The canonical fields every example of this source has (precompute gives them
         # their fixed latents features).
+        single = ((BOXES, spec.boxes_key), (BOX_LABELS, spec.box_labels_key),
+                  (SEGMENTATION, spec.segmentation_key), (LOW_RES, spec.low_res_key))
         self.canonical_keys = tuple(
-            k for k, on in ((CAPTION, spec.caption_keys), (BOXES, spec.boxes_key),
-                            (BOX_LABELS, spec.box_labels_key)) if on)
+            k for k, on in ((CAPTION, spec.caption_keys),) + single if on)
         # Top-level source fields the canonical ones are read from (not carried twice).
-        paths = spec.caption_keys + tuple(k for k in (spec.boxes_key, spec.box_labels_key) if k)
+        paths = spec.caption_keys + tuple(path for _, path in single if path)
         self.consumed_keys = tuple(sorted({p.split("/")[0] for p in paths} -
                                           set(self.canonical_keys)))
         self.num_classes = dict(getattr(source, "num_classes", {}) or {})
         self.class_names = dict(getattr(source, "class_names", {}) or {})
-        if spec.box_labels_key and self.features is not None:
-            label = _nested_feature(self.features, spec.box_labels_key)
+        for key, path in ((BOX_LABELS, spec.box_labels_key),
+                          (SEGMENTATION, spec.segmentation_key)):
+            label = _nested_feature(self.features, path) if path and \
+                self.features is not None else None
             if label is not None and hasattr(label, "num_classes") and hasattr(label, "names"):
-                self.num_classes[BOX_LABELS] = int(label.num_classes)
-                self.class_names[BOX_LABELS] = [str(n) for n in label.names]
+                self.num_classes[key] = int(label.num_classes)
+                self.class_names[key] = [str(n) for n in label.names]
 
     def __getattr__(self, name: str):
         # Everything else (a folder's relpaths, unreadable counts...) is the wrapped source's.
@@ -289,11 +490,18 @@ class CanonicalFieldsSource:
 # ------------------------------------------------------------------------ the condition hook
 
 
-def condition_fields(example: Mapping, label_key: str | None = None) -> dict[str, Any]:
+def condition_fields(example: Mapping, label_key: str | None = None, *,
+                     with_image: bool = False) -> dict[str, Any]:
     """What a `condition_fn` receives: the canonical fields present in `example`, as
-    caption str | list[str], boxes float32 [N, 4], box_labels int64 [N], a precomputed
-    context float32 [k, L, width], and 'label' (the int class id of `label_key`) when there
-    is one."""
+    caption str | list[str], boxes float32 [N, 4], box_labels int64 [N], segmentation
+    [H, W] uint8 | int32, low_res uint8 [h, w, 3], a precomputed context float32
+    [k, L, width], 'label' (the int class id of `label_key`) when there is one, and with
+    `with_image` the stored 'image' uint8 [H, W, 3] (latents of latents.keep_images: in a raw
+    source example 'image' is the undecoded source image, not a condition).
+
+    The image fields are in the frame of `example`: a latents record's are already those of
+    the encoded image; for a raw source example the caller moves them with the image
+    (`transform_image_fields`)."""
     fields: dict[str, Any] = {}
     if CAPTION in example:
         fields[CAPTION] = normalize_caption(example[CAPTION])
@@ -303,6 +511,12 @@ def condition_fields(example: Mapping, label_key: str | None = None) -> dict[str
         fields[BOXES] = boxes_to_xyxy(example[BOXES])
         if BOX_LABELS in example:
             fields[BOX_LABELS] = np.asarray(example[BOX_LABELS], np.int64).reshape(-1)
+    if SEGMENTATION in example:
+        fields[SEGMENTATION] = np.asarray(example[SEGMENTATION])
+    if LOW_RES in example:
+        fields[LOW_RES] = np.asarray(example[LOW_RES], np.uint8)
+    if with_image and IMAGE in example:
+        fields[IMAGE] = np.asarray(example[IMAGE], np.uint8)
     if label_key and label_key in example and np.ndim(example[label_key]) == 0:
         fields["label"] = int(np.asarray(example[label_key]))
     return fields
@@ -336,12 +550,24 @@ __all__ = [
     "CanonicalFieldsSource",
     "ConditionFn",
     "FieldSpec",
+    "IMAGE",
+    "IMAGE_FIELDS",
+    "LOW_RES",
+    "SEGMENTATION",
     "boxes_to_xyxy",
     "canonical_fields",
     "caption_list",
+    "center_geometry",
     "condition_fields",
     "field_paths",
+    "flip_image_fields",
     "get_field",
+    "low_res_image",
+    "low_res_output_size",
     "merge_condition",
     "normalize_caption",
+    "segmentation_map",
+    "transform_image_fields",
+    "transform_low_res",
+    "transform_segmentation",
 ]

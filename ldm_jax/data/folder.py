@@ -1,7 +1,8 @@
 """Image folders as random-access sources, labelled the way torchvision's ImageFolder does.
 
 Images are files ending in `IMAGE_EXTENSIONS` (any case), found recursively; hidden files and
-folders (names starting with '.', e.g. .ipynb_checkpoints) are skipped.
+folders (names starting with '.', e.g. .ipynb_checkpoints) are skipped, and so are label maps
+(names ending in `SEGMENTATION_SUFFIX`, '.seg.png': side files, see below).
 
 Splits. A folder with a top-level sub-folder named like `data.train_split` or
 `data.eval_split` has split sub-folders: each sub-folder is a split (images at the top are
@@ -26,6 +27,13 @@ a side file `<image stem>.txt` beside it (UTF-8, stripped; several non-empty lin
 captions) into the example's 'caption' field: a str, a list of str, or '' for an image without
 a side file (trained like a dropped condition). A split with no side file at all is an error.
 
+Label maps. With `segmentation=True` (any `data.segmentation_key`), each image's label map is
+read from `<image stem>.seg.png` beside it (a single-channel PNG of class ids: mode L or P
+(the palette indices), 16-bit greyscale for more than 256 classes) into the example's
+'segmentation' field, uint8 [H, W] (int32 for 16-bit maps). Every image needs one, of its
+size: a missing map is an error when the source is made, a map of another size or kind when
+it is read (both name the file).
+
 Unreadable files (truncated, corrupt, not really images) are skipped: see `FolderSource`.
 """
 
@@ -45,6 +53,10 @@ from ldm_jax.data.sources import DataConfigError, HoldoutPolicy, MissingDataErro
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
 CAPTION_KEY = "caption"
+SEGMENTATION_SUFFIX = ".seg.png"
+SEGMENTATION_KEY = "segmentation"
+# PIL modes a label map may have: 8-bit ids (P: the palette indices), 16/32-bit ids.
+_LABEL_MAP_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
 # How many unreadable paths an error message lists.
 _MAX_EXAMPLES = 5
 
@@ -54,7 +66,9 @@ class UnreadableImageWarning(UserWarning):
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    lower = name.lower()
+    return (lower.endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+            and not lower.endswith(SEGMENTATION_SUFFIX))
 
 
 def _walk(root: str):
@@ -98,6 +112,62 @@ def read_caption(image_path: str) -> str | list[str]:
             "(data.caption_key reads <image stem>.txt beside each image).") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if len(lines) == 1 else lines if lines else ""
+
+
+def segmentation_path(image_path: str) -> str:
+    """The label map side file of an image: its path with '.seg.png' for its extension."""
+    return os.path.splitext(image_path)[0] + SEGMENTATION_SUFFIX
+
+
+def read_segmentation(image_path: str, image_hw: tuple[int, int]) -> np.ndarray:
+    """The label map of an image (of height x width `image_hw`) from its side file: uint8
+    [H, W] class ids (int32 for 16/32-bit maps). A missing file, a map with colour channels
+    or of another size than its image is a DataConfigError naming the file."""
+    from PIL import Image
+
+    path = segmentation_path(image_path)
+    fix = ("data.segmentation_key reads <image stem>.seg.png beside each image: a "
+           "single-channel PNG of class ids, the size of its image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            values = np.asarray(im)
+    except FileNotFoundError:
+        raise DataConfigError(f"Label map {path!r} of image {image_path!r} is missing ({fix}), "
+                              "or set data.segmentation_key=''.") from None
+    except Exception as e:  # pylint: disable=broad-except
+        raise DataConfigError(f"Label map {path!r} is unreadable ({type(e).__name__}: {e}); "
+                              f"re-export it ({fix}).") from None
+    if mode not in _LABEL_MAP_MODES:
+        raise DataConfigError(f"Label map {path!r} has PIL mode {mode!r}, not a single channel "
+                              f"of class ids ({fix}).")
+    height, width = int(image_hw[0]), int(image_hw[1])
+    if values.shape != (height, width):
+        raise DataConfigError(
+            f"Label map {path!r} is {values.shape[1]}x{values.shape[0]} (WxH) but its image "
+            f"{image_path!r} is {width}x{height}; {fix}.")
+    if values.dtype in (np.uint8, np.bool_):  # '1' (bilevel) gives bool: ids 0 and 1
+        return values.astype(np.uint8)
+    values = values.astype(np.int64)
+    if values.size and values.min() < 0:
+        raise DataConfigError(f"Label map {path!r} has negative class ids ({fix}).")
+    return values.astype(np.int32)
+
+
+def _missing_segmentations(root: str, relpaths: list[str]) -> list[str]:
+    """The label map side files (relative paths) of `relpaths` that do not exist: one
+    directory listing per folder, not a stat per image."""
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for relpath in relpaths:
+        folder = os.path.dirname(relpath)
+        if folder not in listings:
+            listings[folder] = set(os.listdir(os.path.join(root, folder)))
+        side = segmentation_path(relpath)
+        if os.path.basename(side) not in listings[folder]:
+            missing.append(side)
+    return missing
 
 
 def in_holdout(relpath: str, percent: int) -> bool:
@@ -173,7 +243,8 @@ class FolderSource:
 
     Images come back as (H, W, 3), or (H, W) for greyscale (the transforms replicate it); see
     `transforms.pil_to_uint8` for 16-bit, palette, CMYK and alpha images. The label is present
-    only for labelled folders with a `label_key`.
+    only for labelled folders with a `label_key`; 'caption' with `captions`, 'segmentation'
+    (`read_segmentation`) with `segmentation`.
 
     An unreadable or truncated file is skipped: the next index whose file reads (wrapping
     around) is returned in its place, so reads stay deterministic; an
@@ -191,9 +262,11 @@ class FolderSource:
     def __init__(self, root: str, relpaths: list[str], *, split: str, image_key: str = "image",
                  label_key: str | None = None, labels: list[int] | None = None,
                  class_names: list[str] | None = None, holdout: dict[str, Any] | None = None,
-                 max_unreadable_fraction: float = 0.01, captions: bool = False):
+                 max_unreadable_fraction: float = 0.01, captions: bool = False,
+                 segmentation: bool = False):
         self.root = root
         self.captions = bool(captions)
+        self.segmentation = bool(segmentation)
         self.relpaths = relpaths
         self.split = split
         self.image_key = image_key
@@ -300,6 +373,9 @@ class FolderSource:
                 example[self.label_key] = self._labels[j]
             if self.captions:
                 example[CAPTION_KEY] = read_caption(os.path.join(self.root, self.relpaths[j]))
+            if self.segmentation:  # outside the try: a bad map is an error, not a skip
+                example[SEGMENTATION_KEY] = read_segmentation(
+                    os.path.join(self.root, self.relpaths[j]), image.shape[:2])
             return example
         raise DataConfigError(  # only reachable with data.max_unreadable_fraction >= 1
             f"No image of split {self.split!r} in data.folder={self.root!r} is readable; "
@@ -324,7 +400,8 @@ class FolderSource:
 
 def folder_source(folder: str | os.PathLike | None, split: str, image_key: str = "image", *,
                   label_key: str | None = "label", holdout: HoldoutPolicy = HoldoutPolicy(),
-                  max_unreadable_fraction: float = 0.01, captions: bool = False) -> FolderSource:
+                  max_unreadable_fraction: float = 0.01, captions: bool = False,
+                  segmentation: bool = False) -> FolderSource:
     """Random-access source over one split of an image folder (see the module doc).
 
     Args:
@@ -339,12 +416,14 @@ def folder_source(folder: str | os.PathLike | None, split: str, image_key: str =
       max_unreadable_fraction: see `FolderSource`.
       captions: read each image's caption(s) from `<image stem>.txt` into 'caption' (set when
         `data.caption_key` is).
+      segmentation: read each image's label map from `<image stem>.seg.png` into
+        'segmentation' (set when `data.segmentation_key` is).
 
     Raises:
       MissingDataError: the folder does not exist.
       DataConfigError: unknown split, no images in the split, class folders in one split
         root but not another, a bad `max_unreadable_fraction`, or `captions` with no
-        caption side file in the split.
+        caption side file in the split, or `segmentation` with an image without its label map.
     """
     if not folder:
         raise DataConfigError("data.folder is not set; set it to a folder of images.")
@@ -397,7 +476,17 @@ def folder_source(folder: str | os.PathLike | None, split: str, image_key: str =
             f"has a caption file: put each image's caption in a UTF-8 text file beside it "
             f"named like the image with {CAPTION_EXTENSION} (e.g. {example!r}; one caption a "
             "line), or set data.caption_key='' to train without captions.")
+    if segmentation:
+        missing = _missing_segmentations(root, relpaths)
+        if missing:
+            raise DataConfigError(
+                f"data.segmentation_key is set but {len(missing)} of {len(relpaths)} images of "
+                f"split {split!r} in data.folder={root!r} have no label map, e.g. "
+                f"{missing[0]!r}: put each image's label map beside it as <image "
+                f"stem>{SEGMENTATION_SUFFIX} (a single-channel PNG of class ids, the image's "
+                "size), or set data.segmentation_key='' to read none.")
     return FolderSource(
         root, relpaths, split=split,
         image_key=image_key, label_key=label_key, labels=labels, class_names=classes,
-        holdout=held, max_unreadable_fraction=max_unreadable_fraction, captions=captions)
+        holdout=held, max_unreadable_fraction=max_unreadable_fraction, captions=captions,
+        segmentation=segmentation)

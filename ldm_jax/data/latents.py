@@ -18,9 +18,15 @@ position in the source split; records are stored in source order, so it equals t
 number) and the source's simple conditioning fields under their source names (`label`, `id`,
 text, numeric arrays); with `conditioning.precompute_context`, `context` float32 [k, L, width]
 (the frozen text encoder's output for each of the k captions). The canonical conditioning fields of a source configured with
-`data.caption_key` / `data.boxes_key` (`ldm_jax.data.conditioning_fields`) have fixed types:
-`caption` a Sequence of Text (1..k captions; [] for none), `boxes` float32 [N, 4] normalised
-xyxy in the frame of the ENCODED (center-cropped) image, N varying, `box_labels` int64 [N].
+`data.caption_key` / `data.boxes_key` / `data.segmentation_key` / `data.low_res_key`
+(`ldm_jax.data.conditioning_fields`) have fixed types: `caption` a Sequence of Text (1..k
+captions; [] for none), `boxes` float32 [N, 4] normalised xyxy in the frame of the ENCODED
+(center-cropped) image, N varying, `box_labels` int64 [N], `segmentation` [H, W] class ids
+(uint8, or int32 when the data has ids above 255) and `low_res` uint8 [h, w, 3]
+(h = H * the data's low-res ratio), both in the frame of the encoded image too. With
+`latents.keep_images` (`resolve_keep_images`: None = True for conditioning.kind 'concat' or
+'hybrid') each record also holds `image` uint8 [H, W, 3]: exactly the center-cropped image
+that was encoded (image-conditioned tasks degrade or mask it on the fly).
 Latents are stored UNSCALED; stage 2 multiplies by `metadata['scale_factor']`.
 
 `ldm_latents.json` (schema_version 1) holds: kind ('kl'|'vq'), latent_key, first_stage (the
@@ -28,7 +34,9 @@ identity from `first_stage.load_first_stage` plus its model_config), f, latent_s
 stored_shape, scale_factor with scale_factor_source ({'method': 'scale_by_std', 'num_examples',
 'split', 'seed', 'ddof'} or {'method': 'fixed'}), num_examples and num_shards per split,
 examples_per_shard, source_data (the config group), features ({key: feature repr}),
-conditioning_keys, skipped_keys, latents_config (the `latents` group the run used),
+conditioning_keys, skipped_keys, num_classes / class_names (per carried label field, e.g.
+'label', 'box_labels', 'segmentation'), keep_images (whether records hold `image`; absent in
+metadata written before it existed = False), latents_config (the `latents` group the run used),
 dataset_name / tfds_version, and context_encoder (`TextCondition.context_identity()`: the
 text encoder, its weights' sha256, width, max_length, tokenizer) when the context is stored.
 scale_by_std is 1 / std(z) (unbiased, over all elements, float64
@@ -59,6 +67,8 @@ PROGRESS_DIR = "progress"
 LATENT_KEYS = {"kl": "moments", "vq": "latent"}
 # Names the latents set defines itself; source fields with these names are not carried.
 RESERVED_KEYS = ("index", "moments", "latent", conditioning_fields.CONTEXT)
+# conditioning.kind values whose conditions are images: latents.keep_images defaults to True.
+IMAGE_CONDITION_KINDS = ("concat", "hybrid")
 
 DataConfigError = sources_lib.DataConfigError
 
@@ -189,6 +199,23 @@ def check_context_encoder_matches(metadata: dict, identity: dict, latents_dir) -
             f"another text encoder than config.conditioning's ({what}): {fix}.")
 
 
+def resolve_keep_images(config) -> bool:
+    """Whether precompute_latents stores each example's encoded image (`image`): the
+    config's `latents.keep_images`, where None (or absent) means True exactly when
+    `conditioning.kind` is 'concat' or 'hybrid' (image-conditioned tasks need it)."""
+    latents_cfg = config.get("latents") if hasattr(config, "get") else None
+    value = latents_cfg.get("keep_images") if latents_cfg is not None and hasattr(
+        latents_cfg, "get") else None
+    if value is None:
+        conditioning = config.get("conditioning") if hasattr(config, "get") else None
+        kind = conditioning.get("kind", "none") if conditioning is not None else "none"
+        return kind in IMAGE_CONDITION_KINDS
+    if not isinstance(value, (bool, np.bool_)):
+        raise DataConfigError(f"latents.keep_images={value!r} must be True, False or None "
+                              "(None: True for conditioning.kind 'concat' or 'hybrid').")
+    return bool(value)
+
+
 class LatentsSource(sources_lib.TfdsSource):
     """A `TfdsSource` over a latents split that also carries the precompute `metadata`."""
 
@@ -235,13 +262,15 @@ class LatentExampleFn:
     The pipeline's counterpart of its image `_ExampleFn` for `data.source='latents'`: no image
     preprocessing. With `data.random_flip` (train only) the latent is flipped left-right with
     probability 1/2: for a convolutional encoder the latent of a flipped image is close to
-    the flipped latent, but not equal, so this is off unless a config asks for it. Boxes
-    handed to `condition_fn` are flipped with the latent.
+    the flipped latent, but not equal, so this is off unless a config asks for it. Boxes,
+    the stored image, label map and low-resolution image handed to `condition_fn` are
+    flipped with the latent.
 
     condition_fn: optional `(fields, rng, train) -> {name: np.ndarray}` (see
     `ldm_jax.data.pipeline`); `fields` holds the record's canonical conditioning fields
     (`conditioning_fields.condition_fields`: caption str | list[str], boxes, box_labels,
-    label). Without it, captions and boxes stay out of the batch.
+    segmentation, low_res, label) and, for latents.keep_images, 'image' uint8 [H, W, 3], all
+    as numpy arrays. Without it, these stay out of the batch.
     """
 
     def __init__(self, data_cfg, *, train: bool, condition_fn=None):
@@ -277,10 +306,13 @@ class LatentExampleFn:
                     f"dtype {label.dtype} shape {label.shape}.")
             out["label"] = label.astype(np.int32)
         if self.condition_fn is not None:
-            fields = conditioning_fields.condition_fields(example, self.label_key)
-            if flipped and conditioning_fields.BOXES in fields:
-                fields[conditioning_fields.BOXES] = transforms.flip_boxes(
-                    fields[conditioning_fields.BOXES])
+            fields = conditioning_fields.condition_fields(example, self.label_key,
+                                                          with_image=True)
+            if flipped:
+                fields = conditioning_fields.flip_image_fields(fields)
+                if conditioning_fields.BOXES in fields:
+                    fields[conditioning_fields.BOXES] = transforms.flip_boxes(
+                        fields[conditioning_fields.BOXES])
             conditioning_fields.merge_condition(
                 out, self.condition_fn(fields, rng, self.train), reserved=("mask",))
         return out
@@ -332,8 +364,13 @@ def _feature_for(feature, value, class_names=None) -> Any:
     return tfds.features.Tensor(shape=shape, dtype=dtype, encoding=encoding)
 
 
-def canonical_feature(key: str):
-    """The latents-set feature of a canonical conditioning field (conditioning_fields)."""
+def canonical_feature(key: str, shape: Sequence[int] | None = None, dtype=None):
+    """The latents-set feature of a canonical conditioning field (conditioning_fields).
+
+    The image fields ('segmentation', 'low_res') take the fixed `shape` (and, for
+    'segmentation', `dtype`: uint8 or int32) of the encoded frame; without them their
+    height and width are left open.
+    """
     import tensorflow_datasets as tfds
 
     if key == conditioning_fields.CAPTION:
@@ -342,7 +379,24 @@ def canonical_feature(key: str):
         return tfds.features.Tensor(shape=(None, 4), dtype=np.float32)
     if key == conditioning_fields.BOX_LABELS:
         return tfds.features.Tensor(shape=(None,), dtype=np.int64)
+    if key == conditioning_fields.SEGMENTATION:
+        dtype = np.dtype(np.uint8 if dtype is None else dtype)  # (a dtype's bool is False)
+        if dtype not in (np.dtype(np.uint8), np.dtype(np.int32)):
+            raise ValueError(f"segmentation is stored as uint8 or int32, not {dtype}.")
+        return tfds.features.Tensor(shape=tuple(shape or (None, None)), dtype=dtype,
+                                    encoding="bytes")
+    if key == conditioning_fields.LOW_RES:
+        return tfds.features.Tensor(shape=tuple(shape or (None, None, 3)), dtype=np.uint8,
+                                    encoding="bytes")
     raise KeyError(key)
+
+
+def image_feature(image_size: int):
+    """The latents-set feature of the stored encoded image (latents.keep_images)."""
+    import tensorflow_datasets as tfds
+
+    size = int(image_size)
+    return tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding="bytes")
 
 
 def context_feature(max_length: int, width: int):
@@ -363,13 +417,16 @@ def make_features(source, first_example: dict, *, image_key: str, kind: str,
       image_key: the image field (never carried).
       kind: 'kl' | 'vq' (names the latent feature, LATENT_KEYS).
       stored_shape: [h, w, 2C] for KL moments, [h, w, C] for VQ latents.
-      extra: features the precompute adds itself ({'context': context_feature(...)}).
+      extra: features the precompute adds itself ({'context': context_feature(...)},
+        {'image': image_feature(...)}) or fixes from the encoded frame (the image fields
+        'segmentation' / 'low_res': `canonical_feature(key, shape, dtype)`).
 
     Returns:
       (features, conditioning_keys, skipped_keys): fields that are not simple types (nested
-      dicts, other images) or clash with our names are skipped. The canonical fields the
-      source produces (its `canonical_keys`, see `conditioning_fields.CanonicalFieldsSource`)
-      get their fixed types (`canonical_feature`).
+      dicts, other images) or clash with our names (RESERVED_KEYS, `extra`) are skipped. The
+      canonical fields the source produces (its `canonical_keys`, see
+      `conditioning_fields.CanonicalFieldsSource`) get their fixed types (`extra`'s, else
+      `canonical_feature`).
     """
     import tensorflow_datasets as tfds
 
@@ -380,6 +437,7 @@ def make_features(source, first_example: dict, *, image_key: str, kind: str,
                                                     encoding="bytes"),
             "index": tfds.features.Scalar(dtype=np.int64)}
     kept, skipped = [], []
+    extra = dict(extra or {})
     canonical = set(getattr(source, "canonical_keys", ()))
     consumed = set(getattr(source, "consumed_keys", ()))
     for key in sorted(first_example):
@@ -389,19 +447,20 @@ def make_features(source, first_example: dict, *, image_key: str, kind: str,
             skipped.append(key)
             continue
         if key in canonical:
-            spec[key] = canonical_feature(key)
+            spec[key] = extra[key] if key in extra else canonical_feature(key)
             kept.append(key)
             continue
         known = source_features[key] if source_features is not None and \
             key in source_features else None
         names = getattr(source, "class_names", {}).get(key)
-        out = None if key in RESERVED_KEYS else _feature_for(known, first_example[key], names)
+        reserved = key in RESERVED_KEYS or key in extra
+        out = None if reserved else _feature_for(known, first_example[key], names)
         if out is None:
             skipped.append(key)
         else:
             spec[key] = out
             kept.append(key)
-    spec.update(extra or {})
+    spec.update(extra)
     return tfds.features.FeaturesDict(spec), kept, skipped
 
 
@@ -426,6 +485,7 @@ def example_serializer(features) -> Callable[[dict], bytes]:
 __all__ = [
     "ContextEncoderMismatchError",
     "FirstStageMismatchError",
+    "IMAGE_CONDITION_KINDS",
     "LatentExampleFn",
     "LatentsNotReadyError",
     "LatentsSource",
@@ -434,9 +494,11 @@ __all__ = [
     "check_first_stage_matches",
     "context_feature",
     "example_serializer",
+    "image_feature",
     "latents_source",
     "make_features",
     "read_latents_metadata",
+    "resolve_keep_images",
     "shard_name",
     "tfds_dir",
 ]

@@ -175,6 +175,10 @@ class _ExampleFn:
                 if conditioning_fields.BOX_LABELS in fields:
                     fields[conditioning_fields.BOX_LABELS] = \
                         fields[conditioning_fields.BOX_LABELS][keep]
+            # Label maps and low-resolution images follow the image's resize, crop and flip.
+            fields = conditioning_fields.transform_image_fields(
+                fields, geometry, np.shape(example[self.image_key])[:2])
+            fields[conditioning_fields.IMAGE] = transforms.images_to_uint8(image)
         return out, fields
 
 

@@ -15,13 +15,18 @@ Three steps, one function each: `_plan` (first stage, splits, shard layout, feat
 `_scale_factor` (fixed, or scale_by_std over the train split) and `_metadata`. With
 `conditioning.precompute_context` each record also gets the frozen text encoder's context of
 its captions (`_add_context`, on the host's first device), and the metadata its identity.
+With `latents.keep_images` (`latents.resolve_keep_images`: None = True for conditioning.kind
+'concat' or 'hybrid') each record also stores the center-cropped image it encodes, `image`
+uint8 [H, W, 3]; a source's label maps and low-resolution images (`segmentation`,
+`low_res`) are always stored, moved into the frame of the encoded image
+(`conditioning_fields.transform_image_fields`).
 
 Resume: a split is cut into shards of `examples_per_shard` consecutive examples. A shard is
 written to progress/tmp/, renamed into place when complete, then recorded by a
 progress/<shard>.done.json marker; rerunning the same command skips recorded shards, so a
 crash loses at most the shards in flight and the result is byte-identical to an uninterrupted
-run. progress/run.json fingerprints the first stage, the source and the context encoder; an
-OUT_DIR written with different ones is refused. `ldm_latents.json` is written last
+run. progress/run.json fingerprints the first stage, the source, the context encoder and
+keep_images; an OUT_DIR written with different ones is refused. `ldm_latents.json` is written last
 (atomically): without it the data set is incomplete.
 
 Multi-host (started like training, see docs/multihost.md; OUT_DIR and the source images on a
@@ -52,7 +57,7 @@ from jax.sharding import PartitionSpec as P
 from ldm_jax.config import loading as config_lib
 from ldm_jax.data import conditioning_fields
 from ldm_jax.data import latents as latents_lib
-from ldm_jax.data import latents_writer, pipeline, registry
+from ldm_jax.data import latents_writer, pipeline, registry, transforms
 from ldm_jax.data.latents_writer import PrecomputeError
 from ldm_jax.parallel import sharding
 from ldm_jax.storage import files
@@ -62,7 +67,8 @@ DEFAULT_EXAMPLES_PER_SHARD = 1024  # ~100 MB of KL-f4 moments at 256 px: TFDS's 
 # (data_dir, threads, augmentation flags that the eval path ignores) may change between runs.
 _SOURCE_IDENTITY_FIELDS = ("source", "name", "folder", "image_size", "image_key")
 # Also identity, but only when set (run.json files written before they existed lack them).
-_CONDITIONING_IDENTITY_FIELDS = ("caption_key", "boxes_key", "box_labels_key", "box_format")
+_CONDITIONING_IDENTITY_FIELDS = ("caption_key", "boxes_key", "box_labels_key", "box_format",
+                                 "segmentation_key", "low_res_key")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -94,26 +100,52 @@ class _RangeSource:
         return self._source[self._start + int(i)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _ImageOptions:
+    """What a record stores besides its latent and kept fields: the encoded image
+    (keep_images) and the dtype of the label map feature (uint8 or int32)."""
+
+    keep_images: bool = False
+    segmentation_dtype: Any = np.uint8
+
+
 class _ShardExampleFn:
     """(index in shard, raw example) -> {'image', 'index' (in split), 'extras' (kept fields)}.
 
     Canonical conditioning fields (`canonical`: the source's `canonical_keys`) are stored in
-    their fixed types, with boxes moved into the frame of the encoded, center-cropped image.
+    their fixed types, with boxes, label maps and low-resolution images moved into the frame
+    of the encoded, center-cropped image; with `options.keep_images` the extras also hold that
+    image as 'image' uint8 [H, W, 3].
     """
 
     def __init__(self, data_cfg, keep: Sequence[str], offset: int,
-                 canonical: Sequence[str] = ()):
+                 canonical: Sequence[str] = (), options: _ImageOptions = _ImageOptions()):
         self._image_fn = pipeline._ExampleFn(data_cfg, train=False)  # pylint: disable=protected-access
+        self._image_key, self._size = data_cfg.image_key, int(data_cfg.image_size)
         self._keep, self._offset = tuple(keep), offset
-        self._canonical = tuple(k for k in canonical if k in self._keep)
+        canonical = tuple(k for k in canonical if k in self._keep)
+        # Image fields are moved here, from the raw example: the image pipeline never sees
+        # them, so they are transformed exactly once.
+        self._image_fields = tuple(k for k in canonical
+                                   if k in conditioning_fields.IMAGE_FIELDS)
+        self._canonical = tuple(k for k in canonical if k not in self._image_fields)
+        self._options = options
 
     def __call__(self, indexed):
         index, example = indexed
+        raw = {k: example[k] for k in self._image_fields if k in example}
+        if raw:
+            example = {k: v for k, v in example.items() if k not in raw}
         out, fields = self._image_fn.example_and_fields((index, example),
                                                         with_fields=bool(self._canonical))
         # 0-d arrays -> python scalars / bytes: what TFDS's ClassLabel and Text encoders take.
         extras = {k: example[k].item() if np.ndim(example[k]) == 0 and
-                  isinstance(example[k], np.ndarray) else example[k] for k in self._keep}
+                  isinstance(example[k], np.ndarray) else example[k]
+                  for k in self._keep if k not in self._image_fields}
+        extras.update(self._moved_image_fields(raw, example, index))
+        if self._options.keep_images:
+            # The encoded pixels themselves: uint8 -> [-1, 1] -> uint8 is exact.
+            extras[conditioning_fields.IMAGE] = transforms.images_to_uint8(out["image"])
         for key in self._canonical:
             value = fields.get(key)
             if key == conditioning_fields.CAPTION:
@@ -124,9 +156,29 @@ class _ShardExampleFn:
             extras[key] = value
         return {"image": out["image"], "index": index + self._offset, "extras": extras}
 
+    def _moved_image_fields(self, raw: dict, example: dict, index: int) -> dict:
+        """The label map / low-resolution image of a raw example in the encoded frame (the
+        eval preprocessing's center crop, `conditioning_fields.center_geometry`)."""
+        if not raw:
+            return {}
+        height, width = np.shape(example[self._image_key])[:2]
+        geometry = conditioning_fields.center_geometry(height, width, self._size)
+        moved = conditioning_fields.transform_image_fields(raw, geometry, (height, width))
+        seg = moved.get(conditioning_fields.SEGMENTATION)
+        if seg is not None:
+            dtype = np.dtype(self._options.segmentation_dtype)
+            if seg.size and int(seg.max()) > np.iinfo(dtype).max:
+                raise PrecomputeError(
+                    f"example {index + self._offset}'s label map has class id {int(seg.max())}, "
+                    f"but the first example fixed the stored segmentation dtype to {dtype}; "
+                    "give the source's label maps one integer type (int32 for ids above 255).")
+            moved[conditioning_fields.SEGMENTATION] = seg.astype(dtype)
+        return moved
+
 
 def _shard_batches(source, data_cfg, keep, start: int, stop: int, local_batch: int,
-                   num_batches: int, image_shape):
+                   num_batches: int, image_shape,
+                   image_options: _ImageOptions = _ImageOptions()):
     """Host-local batches of one shard: {'image', 'index', 'mask', 'extras' (list)}.
 
     Reuses the image pipeline's eval preprocessing (center crop, no flip) and its threaded
@@ -140,7 +192,7 @@ def _shard_batches(source, data_cfg, keep, start: int, stop: int, local_batch: i
     if stop > start:
         ds = grain.MapDataset.source(_RangeSource(source, start, stop)).map_with_index(
             lambda i, x: (i, x)).map(_ShardExampleFn(
-                data_cfg, keep, start, getattr(source, "canonical_keys", ())))
+                data_cfg, keep, start, getattr(source, "canonical_keys", ()), image_options))
         threads = int(data_cfg.num_threads)
         options = grain.ReadOptions(num_threads=threads if threads > 1 else 0,
                                     prefetch_buffer_size=max(int(data_cfg.prefetch), 1)
@@ -287,11 +339,14 @@ def sources_split_name(spec: str) -> str:
 
 
 def _fingerprint(first_stage, src, counts, examples_per_shard, features,
-                 context_encoder=None) -> dict:
-    # The context encoder only when set: run.json files written before it existed lack it.
+                 context_encoder=None, keep_images: bool = False) -> dict:
+    # The context encoder and keep_images only when set: run.json files written before they
+    # existed lack them (and kept no images).
     context = {"context_encoder": context_encoder} if context_encoder else {}
+    images = {"keep_images": True} if keep_images else {}
     return files.to_json_compatible({
         **context,
+        **images,
         "schema_version": latents_lib.SCHEMA_VERSION,
         "kind": first_stage.kind,
         "model_config_hash": first_stage.identity["model_config_hash"],
@@ -327,6 +382,7 @@ class _Plan:
     latent_shape: list
     stored_shape: list
     context: Any = None  # the TextCondition whose context is stored (precompute_context)
+    images: _ImageOptions = _ImageOptions()  # keep_images, the label map dtype
 
     @property
     def counts(self) -> dict:
@@ -358,6 +414,9 @@ def _plan(config, first_stage_dir, output_dir, *, splits, batch_size, examples_p
     context = _context_condition(config, getattr(first_source, "canonical_keys", ()))
     extra = {} if context is None else {conditioning_fields.CONTEXT: latents_lib.context_feature(
         context.tokenizer.max_length, context.context_dim)}
+    images, image_features = _image_features(first_source, src,
+                                              latents_lib.resolve_keep_images(config))
+    extra.update(image_features)
     features, kept, skipped = latents_lib.make_features(
         first_source, first_source[0], image_key=src.image_key, kind=kind,
         stored_shape=stored_shape, extra=extra)
@@ -369,7 +428,38 @@ def _plan(config, first_stage_dir, output_dir, *, splits, batch_size, examples_p
                          for s, ds in split_sources.items()},
                  features=features, kept=kept, skipped=skipped, out_root=out_root,
                  data_dir=latents_lib.tfds_dir(out_root), latent_shape=latent_shape,
-                 stored_shape=stored_shape, context=context)
+                 stored_shape=stored_shape, context=context, images=images)
+
+
+def _image_features(source, src, keep_images: bool) -> tuple[_ImageOptions, dict]:
+    """(options, fixed latents features) of the stored image (keep_images) and of the
+    source's image fields ('segmentation', 'low_res'), their shapes and the label map's
+    dtype taken from the first example in the encoded frame (`src`: config.source_data)."""
+    size = int(src.image_size)
+    features = {conditioning_fields.IMAGE: latents_lib.image_feature(size)} if keep_images else {}
+    canonical = getattr(source, "canonical_keys", ())
+    keys = [k for k in conditioning_fields.IMAGE_FIELDS if k in canonical]
+    if not keys:
+        return _ImageOptions(keep_images), features
+    first = source[0]
+    image_key = src.image_key
+    if image_key not in first:
+        raise latents_lib.DataConfigError(
+            f"data.image_key={image_key!r} is not a feature of this data set (features: "
+            f"{sorted(first)}); set source_data.image_key to the image feature.")
+    height, width = np.shape(first[image_key])[:2]
+    moved = conditioning_fields.transform_image_fields(
+        {k: first[k] for k in keys}, conditioning_fields.center_geometry(height, width, size),
+        (height, width))
+    dtype = np.dtype(np.uint8)
+    seg = moved.get(conditioning_fields.SEGMENTATION)
+    if seg is not None:
+        classes = int(getattr(source, "num_classes", {}).get(conditioning_fields.SEGMENTATION, 0))
+        dtype = np.dtype(np.int32 if seg.dtype == np.int32 or classes > 256 else np.uint8)
+    for key, value in moved.items():
+        features[key] = latents_lib.canonical_feature(
+            key, value.shape, dtype if key == conditioning_fields.SEGMENTATION else None)
+    return _ImageOptions(keep_images, dtype), features
 
 
 def _context_condition(config, canonical_keys):
@@ -447,6 +537,7 @@ def _metadata(plan: _Plan, scale: float, scale_source: dict, latents_config: dic
         "features": {k: repr(v) for k, v in plan.features.items()},
         "conditioning_keys": plan.kept,
         "skipped_keys": plan.skipped,
+        "keep_images": plan.images.keep_images,
         "num_classes": num_classes,
         "class_names": class_names,
         "dataset_name": latents_lib.DATASET_NAME,
@@ -457,7 +548,8 @@ def _metadata(plan: _Plan, scale: float, scale_source: dict, latents_config: dic
 
 
 def _encode_shards(pending, *, split_sources, layout, eps, reader_cfg, kept, encode, params, mesh,
-                   global_batch, image_shape, latent_key, write, on_shard_written) -> None:
+                   global_batch, image_shape, latent_key, write, on_shard_written,
+                   image_options: _ImageOptions = _ImageOptions()) -> None:
     """Encodes the pending (split, shard) pairs, dealt round-robin to the processes.
 
     In each round process p encodes pending[round * P + p]; all processes run the same number
@@ -486,7 +578,7 @@ def _encode_shards(pending, *, split_sources, layout, eps, reader_cfg, kept, enc
                 records.append(record)
 
         for local in _shard_batches(split_sources[split], reader_cfg, kept, start, stop,
-                                    local_batch, steps, image_shape):
+                                    local_batch, steps, image_shape, image_options):
             batch = sharding.global_batch({"image": local["image"], "index": local["index"]}, mesh)
             out, _ = encode(params, batch["image"], batch["index"])
             # Dispatch is asynchronous: the next batch is read while this one encodes.
@@ -534,7 +626,7 @@ def _encode_pending(plan: _Plan, on_shard_written):
                    encode=encode, params=params, mesh=plan.mesh, global_batch=plan.global_batch,
                    image_shape=(size, size, 3),
                    latent_key=latents_lib.LATENT_KEYS[plan.first_stage.kind], write=write,
-                   on_shard_written=on_shard_written)
+                   on_shard_written=on_shard_written, image_options=plan.images)
     latents_writer.barrier("shards_done")
     return encode, params, reader_cfg
 
@@ -574,7 +666,8 @@ def precompute(config, first_stage_dir: str, output_dir: str, *,
     out_root, data_dir, layout = plan.out_root, plan.data_dir, plan.layout
     latents_writer.claim_output(out_root, data_dir, _fingerprint(
         plan.first_stage, plan.src, plan.counts, plan.examples_per_shard, plan.features,
-        plan.context.context_identity() if plan.context is not None else None))
+        plan.context.context_identity() if plan.context is not None else None,
+        plan.images.keep_images))
     lat = plan.lat
     latents_config = files.to_json_compatible({
         "scale_factor": float(lat.scale_factor), "scale_num_examples": int(lat.scale_num_examples),

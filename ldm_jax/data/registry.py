@@ -5,8 +5,9 @@ The one module that knows every kind of source. It lives apart from `sources` be
 itself made an import cycle.
 
 Image sources come back with the canonical conditioning fields the config asks for
-(`data.caption_key`, `data.boxes_key`, ...: `conditioning_fields.CanonicalFieldsSource`); the
-digits data sets with captions / layouts carry theirs without being asked.
+(`data.caption_key`, `data.boxes_key`, `data.segmentation_key`, `data.low_res_key`, ...:
+`conditioning_fields.CanonicalFieldsSource`); the digits data sets with captions / layouts /
+low-resolution images / label maps carry theirs without being asked.
 
 Each factory reads its config fields directly (`data_cfg.label_key`, ...): every field has a
 default in `ldm_jax.config.defaults.data_config`, so a missing one is a bug, not a choice.
@@ -44,19 +45,43 @@ def _digits_layout(data_cfg, split: str):
                                             fields=FieldSpec.from_config(data_cfg))
 
 
+def _digits_sr(data_cfg, split: str):
+    from ldm_jax.data import digits_image_tasks
+
+    return digits_image_tasks.sr_source(split, data_cfg.data_dir,
+                                        holdout=HoldoutPolicy.from_config(data_cfg),
+                                        fields=FieldSpec.from_config(data_cfg))
+
+
+def _digits_semantic(data_cfg, split: str):
+    from ldm_jax.data import digits_image_tasks
+
+    return digits_image_tasks.semantic_source(split, data_cfg.data_dir,
+                                              holdout=HoldoutPolicy.from_config(data_cfg),
+                                              fields=FieldSpec.from_config(data_cfg))
+
+
 def _tfds(data_cfg, split: str):
     return sources.tfds_source(data_cfg.name, split, data_cfg.data_dir,
                                holdout=HoldoutPolicy.from_config(data_cfg))
 
 
 def _folder(data_cfg, split: str):
+    spec = FieldSpec.from_config(data_cfg)
+    if spec.low_res_key:
+        raise DataConfigError(
+            f"data.low_res_key={spec.low_res_key!r}: image folders hold no low-resolution "
+            "images; set data.low_res_key='' (super-resolution then degrades the image itself, "
+            "conditioning.degradation 'bicubic' or 'bsr').")
     return folder.folder_source(
         data_cfg.folder, split,
         # An empty image_key means the default key, as in the pipeline's example fn.
         data_cfg.image_key or "image",
         label_key=data_cfg.label_key or None,
         # Folders keep captions in `<image stem>.txt` side files (any data.caption_key).
-        captions=bool(FieldSpec.from_config(data_cfg).caption_keys),
+        captions=bool(spec.caption_keys),
+        # ... and label maps in `<image stem>.seg.png` (any data.segmentation_key).
+        segmentation=bool(spec.segmentation_key),
         holdout=HoldoutPolicy.from_config(data_cfg),
         max_unreadable_fraction=data_cfg.max_unreadable_fraction,
     )
@@ -84,9 +109,11 @@ SOURCES: dict[str, Callable[[Any, str], Any]] = {
     "synthetic_latents": _synthetic_latents,
     "digits_captions": _digits_captions,
     "digits_layout": _digits_layout,
+    "digits_sr": _digits_sr,
+    "digits_semantic": _digits_semantic,
 }
 # Image sources whose examples get the configured canonical fields here (the digits data sets
-# with captions / layouts do it themselves, knowing their own field names).
+# with captions / layouts / image fields do it themselves, knowing their own field names).
 _ADDS_CANONICAL_FIELDS = ("digits", "tfds", "folder")
 
 
@@ -94,13 +121,15 @@ def make_source(data_cfg, split: str):
     """Builds the random-access source of `split` from a `data` config.
 
     Dispatches on `data.source` (a key of `SOURCES`): 'digits' (embedded), 'digits_captions'
-    / 'digits_layout' (embedded, with captions / layouts), 'tfds' (`data.name` in
-    `data.data_dir`), 'folder' (`data.folder`), 'latents' (precomputed first-stage latents in
-    `data.latents_dir`) or 'synthetic_latents'. Image sources hold out
-    `data.holdout_percent`% of the train split as `data.eval_split` when the data has no
+    / 'digits_layout' (embedded, with captions / layouts), 'digits_sr' / 'digits_semantic'
+    (embedded, with low-resolution images / label maps: `digits_image_tasks`), 'tfds'
+    (`data.name` in `data.data_dir`), 'folder' (`data.folder`), 'latents' (precomputed
+    first-stage latents in `data.latents_dir`) or 'synthetic_latents'. Image sources hold
+    out `data.holdout_percent`% of the train split as `data.eval_split` when the data has no
     such split (`sources.HoldoutPolicy`); their `holdout` attribute records it. Image
-    sources also carry the canonical 'caption' / 'boxes' / 'box_labels' fields that
-    `data.caption_key` / `data.boxes_key` / `data.box_labels_key` select.
+    sources also carry the canonical 'caption' / 'boxes' / 'box_labels' / 'segmentation' /
+    'low_res' fields that `data.caption_key` / `data.boxes_key` / `data.box_labels_key` /
+    `data.segmentation_key` / `data.low_res_key` select.
 
     Raises:
       DataConfigError: unknown `data.source`, or whatever the source's factory finds wrong.
@@ -115,6 +144,8 @@ def make_source(data_cfg, split: str):
         spec = FieldSpec.from_config(data_cfg)
         if kind == "folder" and spec.caption_keys:  # read from side files as 'caption'
             spec = dataclasses.replace(spec, caption_keys=(conditioning_fields.CAPTION,))
+        if kind == "folder" and spec.segmentation_key:  # <stem>.seg.png as 'segmentation'
+            spec = dataclasses.replace(spec, segmentation_key=conditioning_fields.SEGMENTATION)
         if spec.active:
             source = conditioning_fields.CanonicalFieldsSource(source, spec)
     return source

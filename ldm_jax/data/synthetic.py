@@ -5,7 +5,12 @@ a little per-example noise, so a UNet has real structure to learn and its loss f
 few dozen steps. Deterministic from the example index, random access like every other source.
 With `captions` each example also carries a caption naming its class (two phrasings), and with
 `layouts` one box (a quadrant chosen by the class) labelled with the class: enough for the text
-and layout smoke runs to exercise the whole conditioning path without a data set.
+and layout smoke runs to exercise the whole conditioning path without a data set. Every
+example also carries the image-conditioning fields: `image`, the latent seen as an image at
+the latent size (uint8 of clip(z / 3), the convention of DiffusionTask.decode without a first
+stage), and `segmentation`, a label map (class + 1 where the latent's first channel is
+positive, 0 elsewhere), so the super-resolution, inpainting and semantic smoke runs need no data
+set either.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ class SyntheticLatentsSource:
         noise = np.random.default_rng((self._seed, index)).normal(size=self.latent_shape)
         example = {"latent": (self._patterns[label] + 0.1 * noise).astype(np.float32),
                    "index": np.int64(index)}
+        latent = example["latent"]
+        example["image"] = np.round((np.clip(latent[..., :3] / 3.0, -1, 1) + 1) * 127.5
+                                    ).astype(np.uint8)
+        if latent.shape[-1] < 3:
+            example["image"] = np.repeat(example["image"][..., :1], 3, axis=-1)
+        example["segmentation"] = np.where(latent[..., 0] > 0, label + 1, 0).astype(np.uint8)
         if self.num_classes:
             example["label"] = np.int64(label)
         if self.captions:

@@ -11,7 +11,11 @@ the saved PNGs are, and compares them with the held-out split of the images the 
 encoded (`config.source_data`, split `eval_split`): FID against all held-out images, Inception
 Score, precision/recall (k=3, Kynkaanniemi et al. 2019) against the first min(N, held-out)
 held-out images and, with --features=digits on a class-conditional run, `class_accuracy` (the
-fraction of samples the digit classifier assigns to their conditioning label). The held-out
+fraction of samples the digit classifier assigns to their conditioning label).
+Image-conditioned runs (super-resolution, inpainting, semantic synthesis) sample from the
+held-out examples' own inputs and add `image_task`: PSNR / SSIM / LPIPS-or-feature distance
+against the ground truth, plain bicubic up-sampling as the super-resolution baseline, and on the
+digits the classifier's accuracy per task (ldm_jax/evaluation/image_tasks.py). The held-out
 moments and features are cached in `W/eval/reference_<features>_<split>*.npz` and reused while
 their metadata (feature network and its weights, data set, split, N) matches.
 
@@ -318,6 +322,14 @@ def evaluate_diffusion(workdir: str, args, extractor, mesh) -> tuple[dict, dict,
                                           mesh=mesh, batch_size=batch_size, seed=args.seed)
     if report:
         metrics.update(report)
+    from ldm_jax.evaluation import image_tasks
+    first = task.latents.first_stage
+    report = image_tasks.image_task_report(
+        config, task, params, extractor, sampler=sampler, mesh=mesh, batch_size=batch_size,
+        seed=args.seed, guidance=guidance,
+        lpips_params=_lpips_params(first.config) if first is not None else None)
+    if report:
+        metrics["image_task"] = report
     sampler_info = {"name": args.sampler,
                     "steps": None if args.sampler == "ddpm" else (args.steps
                                                                   or config.sampling.num_steps),

@@ -136,10 +136,49 @@ def read_prompts(prompts=(), prompts_file: str = "") -> list[str]:
     return out
 
 
+def read_condition_images(task, inputs: str, masks: str) -> dict:
+    """{'inputs', 'masks'?} uint8 arrays of --input / --mask; a one-line error when the model
+    takes no image (or an inpainting model gets no mask)."""
+    if not task.image_conditional:
+        if inputs or masks:
+            raise SamplingError(f"--input/--mask were given, but this model takes no image "
+                                f"(conditioning.kind={task.config.conditioning.kind!r}).")
+        return {}
+    if not inputs:
+        raise SamplingError(f"this model (conditioning.image_task="
+                            f"{task.condition.task!r}) samples from an input image: give --input.")
+    semantic = task.condition.task == "semantic"
+    out = {"inputs": image_files.read_image_inputs(
+        inputs, key="segmentations" if semantic else "images", flag="--input", gray=semantic)}
+    if masks:
+        out["masks"] = (image_files.read_image_inputs(masks, key="masks", flag="--mask",
+                                                      gray=True) > 0).astype(np.uint8)
+    if task.condition.task == "inpaint" and "masks" in out:
+        if out["masks"].shape[1:] != out["inputs"].shape[1:3]:
+            raise SamplingError(f"--mask={masks}: masks are {out['masks'].shape[2]}x"
+                                f"{out['masks'].shape[1]} pixels but --input={inputs} images are "
+                                f"{out['inputs'].shape[2]}x{out['inputs'].shape[1]}.")
+    return out
+
+
+def finish_image_task(task, images: np.ndarray, arrays: dict, *, blend: bool = True):
+    """Inpainting: the visible pixels of each result are the input's (blended back in pixel
+    space) unless blend=False. Returns (images, the arrays samples.npz records: `inputs`
+    and `masks`, cycled to the number of images)."""
+    n = len(images)
+    cycle = lambda a: a[np.arange(n) % len(a)]
+    record = {k: cycle(v) for k, v in arrays.items() if v is not None}
+    if task.condition.task == "inpaint" and blend and "masks" in record:
+        fill = record["masks"][..., None].astype(bool)
+        images = np.where(fill, images, record["inputs"]).astype(np.uint8)
+    return images, record
+
+
 def sample_to_folder(workdir: str, out: str, *, num: int, sampler_name: str,
                      steps: int | None = None, eta: float | None = None,
                      guidance_scale: float | None = None, labels: str = "", prompts=(),
-                     layouts=(), seed: int = 0, batch_size: int = 0, step: int | None = None,
+                     layouts=(), inputs: str = "", masks: str = "", blend: bool = True,
+                     seed: int = 0, batch_size: int = 0, step: int | None = None,
                      use_ema: bool = True, overrides=()) -> dict:
     """Samples `num` images of a run or bundle into `out`: 000000.png ..., grid.png and
     samples.npz (`images` uint8 [N, H, W, 3], plus the conditions asked for: `labels` int32 [N],
@@ -159,12 +198,19 @@ def sample_to_folder(workdir: str, out: str, *, num: int, sampler_name: str,
     batch_size = batch_size or default_batch_size(num, mesh)
     sharding.check_batch_divides(batch_size, mesh, field="batch_size (--batch_size)")
     prompts, layouts = list(prompts or ()), list(layouts or ())
+    image_arrays = read_condition_images(task, inputs, masks)
+    extra = {}
+    if task.image_conditional:
+        extra = {"inputs": image_arrays.get("inputs"), "masks": image_arrays.get("masks"),
+                 "levels": 2 ** (len(config.model.channel_mult) - 1)}
     cond = task.condition.request(num, prompts=prompts, layouts=layouts, labels=labels,
-                                  class_names=config.conditioning.class_names)
+                                  class_names=config.conditioning.class_names, **extra)
     sampler = make_sampler(config, task.schedule, name=sampler_name, num_steps=steps, eta=eta)
     images = generate(task, params, task.constants(), num=num, batch_size=batch_size,
                       seed=seed, sampler=sampler, guidance_scale=guidance_scale,
                       cond=cond or None, mesh=mesh)
+    if task.image_conditional:
+        images, image_arrays = finish_image_task(task, images, image_arrays, blend=blend)
     if jax.process_index() == 0:
         for i, image in enumerate(images):
             image_files.save_png(image, os.path.join(out, f"{i:06d}.png"))
@@ -183,6 +229,7 @@ def sample_to_folder(workdir: str, out: str, *, num: int, sampler_name: str,
             arrays["prompts"] = cycle(prompts or [""])
         if layouts or config.conditioning.kind == "layout":
             arrays["layouts"] = cycle(layouts or [""])
+        arrays.update(image_arrays)
         files.write_npz(os.path.join(out, "samples.npz"), **arrays)
         print(f"Wrote {len(images)} samples ({sampler_name}, step {step}, "
               f"{'EMA' if use_ema else 'raw'} weights) to {out}/ (grid.png, samples.npz).",

@@ -43,3 +43,54 @@ def save_png(image_uint8: np.ndarray, path: str, upscale: int = 1) -> None:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     with files.atomic_write(path, "wb") as f:
         img.save(f, format="PNG")
+
+
+class ImageInputError(ValueError):
+    """An --input / --mask file that cannot be read as the images it should hold."""
+
+
+def read_image_inputs(path: str, *, key: str, flag: str, gray: bool = False) -> np.ndarray:
+    """uint8 [N, H, W, 3] (or [N, H, W] with gray=True) from a PNG/JPEG file, a folder of them
+    (sorted by name) or an .npz holding `key`. Images of a folder must share one size."""
+    import os
+    from ldm_jax import UserError
+
+    class _Error(UserError, ImageInputError):
+        pass
+
+    if not os.path.exists(path):
+        raise _Error(f"{flag}={path}: no such file or folder.")
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            if key not in data:
+                raise _Error(f"{flag}={path}: the .npz has no {key!r} array (it has "
+                             f"{sorted(data.files)}).")
+            arr = np.asarray(data[key])
+        if arr.dtype != np.uint8:
+            raise _Error(f"{flag}={path}: {key!r} must be uint8, got {arr.dtype}.")
+        if gray and arr.ndim == 4:
+            arr = arr[..., 0]
+        want = 3 if gray else 4
+        if arr.ndim != want or (not gray and arr.shape[-1] != 3):
+            raise _Error(f"{flag}={path}: {key!r} must be uint8 "
+                         f"{'[N, H, W]' if gray else '[N, H, W, 3]'}, got shape {arr.shape}.")
+        return arr
+    names = [path]
+    if os.path.isdir(path):
+        names = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not names:
+            raise _Error(f"{flag}={path}: the folder holds no .png/.jpg images.")
+    out = []
+    for name in names:
+        try:
+            with Image.open(name) as img:
+                img = img.convert("L") if gray else img.convert("RGB")
+                out.append(np.asarray(img, np.uint8))
+        except OSError as e:
+            raise _Error(f"{flag}={name}: not a readable image ({e}).") from None
+        if out[-1].shape != out[0].shape:
+            raise _Error(f"{flag}={name}: {out[-1].shape[1]}x{out[-1].shape[0]} pixels, but "
+                         f"{names[0]} is {out[0].shape[1]}x{out[0].shape[0]}; give images of "
+                         f"one size.")
+    return np.stack(out)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.conditioning import encoders
+from ldm_jax.conditioning import image as image_conditioning
 from ldm_jax.config.loading import ConfigError
 from ldm_jax.diffusion import ema as ema_lib
 from ldm_jax.diffusion import losses as diffusion_losses
@@ -65,7 +66,7 @@ class LatentContext:
 
     def __init__(self, *, latent_shape, kind: str, scale_factor: float, first_stage=None,
                  class_names=(), num_classes: int = 0, box_classes: int = 0,
-                 box_class_names=()):
+                 box_class_names=(), segmentation_classes: int = 0):
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.kind = kind  # 'kl' | 'vq' | 'synthetic'
         self.key = "moments" if kind == "kl" else "latent"
@@ -75,6 +76,7 @@ class LatentContext:
         self.num_classes = int(num_classes)  # label classes in the data (0: no labels)
         self.box_classes = int(box_classes)  # classes of the layouts' box labels (0: none)
         self.box_class_names = tuple(box_class_names)
+        self.segmentation_classes = int(segmentation_classes)  # label-map classes (0: none)
 
     @classmethod
     def from_bundle(cls, bundle) -> "LatentContext":
@@ -88,7 +90,8 @@ class LatentContext:
                    scale_factor=bundle.scale_factor, first_stage=bundle.first_stage,
                    class_names=config.conditioning.class_names, num_classes=classes,
                    # A bundle reads no data: its box-label classes are the saved config's.
-                   box_classes=config.conditioning.num_layout_classes if kind == "layout" else 0)
+                   box_classes=config.conditioning.num_layout_classes if kind == "layout" else 0,
+                   segmentation_classes=config.conditioning.num_segmentation_classes)
 
     @classmethod
     def from_config(cls, config) -> "LatentContext":
@@ -107,8 +110,10 @@ class LatentContext:
                 raise ConfigError("data.source='synthetic_latents' needs data.latent_shape, e.g. "
                                   "--config.data.latent_shape=8,8,3.")
             boxes = data_cfg.num_classes if data_cfg.boxes_key else 0
+            segments = data_cfg.num_classes + 1 if data_cfg.segmentation_key else 0
             return cls(latent_shape=data_cfg.latent_shape, kind="synthetic", scale_factor=1.0,
-                       num_classes=data_cfg.num_classes, box_classes=boxes)
+                       num_classes=data_cfg.num_classes, box_classes=boxes,
+                       segmentation_classes=segments)
         if data_cfg.source != "latents":
             raise ConfigError(f"config.data.source={data_cfg.source!r}: stage 2 trains on "
                               f"'latents' (from python -m ldm_jax.precompute_latents) or "
@@ -127,10 +132,12 @@ class LatentContext:
         count = meta.get("num_classes", {}).get(label_key, len(names)) if label_key else 0
         box_names = meta.get("class_names", {}).get("box_labels", [])
         box_count = meta.get("num_classes", {}).get("box_labels", len(box_names))
+        seg_names = meta.get("class_names", {}).get("segmentation", [])
+        seg_count = meta.get("num_classes", {}).get("segmentation", len(seg_names))
         return cls(latent_shape=meta["latent_shape"], kind=meta["kind"],
                    scale_factor=meta["scale_factor"], first_stage=first_stage,
                    class_names=names, num_classes=count, box_classes=box_count,
-                   box_class_names=box_names)
+                   box_class_names=box_names, segmentation_classes=seg_count)
 
 
 def _check_or_fill(config, field: str, value, known: str, fix: str) -> None:
@@ -152,7 +159,10 @@ def resolve_config(config, latents: LatentContext):
     unset = "set it to None to take it from the data"
     _check_or_fill(config, "data.latent_shape", shape, "the latents have shape",
                    f"{unset}, or point data.latents_dir at other latents.")
-    _check_or_fill(config, "model.in_channels", channels, "the latents have channels", unset + ".")
+    kind = config.conditioning.kind
+    if kind not in ("concat", "hybrid"):  # image conditions add channels: check_in_channels
+        _check_or_fill(config, "model.in_channels", channels, "the latents have channels",
+                       unset + ".")
     _check_or_fill(config, "model.out_channels", channels, "the latents have channels", unset + ".")
     halvings = len(config.model.channel_mult) - 1
     if shape[0] % 2**halvings or shape[1] % 2**halvings:
@@ -161,23 +171,23 @@ def resolve_config(config, latents: LatentContext):
             f"{tuple(config.model.channel_mult)}) halves them {halvings} times, so their size must "
             f"be divisible by {2**halvings}: precompute from an image size divisible by "
             f"{2**halvings} x the first stage's f, or use fewer levels.")
-    kind = config.conditioning.kind
     if kind not in encoders.KINDS:
         raise ConfigError(f"config.conditioning.kind={kind!r}: use one of {encoders.KINDS}.")
-    if kind in ("class", "class_crossattn"):
+    context_kind = config.conditioning.context_kind if kind == "hybrid" else kind
+    if context_kind in ("class", "class_crossattn"):
         if latents.num_classes < 1:
             raise ConfigError(
                 f"config.conditioning.kind={kind!r} needs class labels, but the data has none "
                 f"under config.data.label_key={config.data.label_key!r} (an image folder needs "
                 f"class sub-folders, a TFDS set a ClassLabel feature); use conditioning.kind="
                 f"'none' or set data.label_key to the label feature and precompute again.")
-        field = "model.num_classes" if kind == "class" else "conditioning.num_embed_classes"
+        field = "model.num_classes" if context_kind == "class" else "conditioning.num_embed_classes"
         _check_or_fill(config, field, latents.num_classes + 1,
                        f"the data has {latents.num_classes} classes, so it should be",
                        f"(K + 1: the last id is the null label for guidance); set "
                        f"--config.{field}={latents.num_classes + 1} or 0 to derive it.")
         config.conditioning.class_names = tuple(latents.class_names)
-    if kind == "layout":
+    if context_kind == "layout":
         _check_or_fill(config, "conditioning.num_layout_classes", latents.box_classes,
                        "the data's box labels have classes", "set it to 0 to take it from the data.")
         if config.conditioning.num_layout_classes < 1:
@@ -185,14 +195,19 @@ def resolve_config(config, latents: LatentContext):
                               "conditioning.num_layout_classes (the data records none).")
         if latents.box_class_names and not config.conditioning.class_names:
             config.conditioning.class_names = tuple(latents.box_class_names)
-    if kind in ("class_crossattn", "text", "layout"):
-        if kind == "class_crossattn" and not config.model.context_dim:
+    if kind in ("concat", "hybrid") and config.conditioning.image_task == "semantic":
+        _check_or_fill(config, "conditioning.num_segmentation_classes",
+                       latents.segmentation_classes, "the data's label maps have classes",
+                       "set it to 0 to take it from the data.")
+    if context_kind in ("class_crossattn", "text", "layout"):
+        if context_kind == "class_crossattn" and not config.model.context_dim:
             config.model.context_dim = config.conditioning.width
         config.model.use_spatial_transformer = True
     elif config.model.use_spatial_transformer:
         raise ConfigError(f"config.model.use_spatial_transformer=True needs a cross-attention "
                           f"condition, but conditioning.kind={kind!r}: use 'text', 'layout' or "
-                          f"'class_crossattn', or set use_spatial_transformer=False.")
+                          f"'class_crossattn' (or 'hybrid' with one of them), or set "
+                          f"use_spatial_transformer=False.")
     return config
 
 
@@ -218,8 +233,11 @@ class DiffusionTask:
     def __init__(self, config, latents: LatentContext | None = None):
         self.latents = LatentContext.from_config(config) if latents is None else latents
         config = resolve_config(config, self.latents)
-        self.condition = encoders.make_condition(config)
+        self.condition = encoders.make_condition(config, latents=self.latents)
         check_context_dim(config, self.condition)
+        if config.conditioning.kind in ("concat", "hybrid"):
+            image_conditioning.check_in_channels(config, self.condition,
+                                                 self.latents.latent_shape[-1])
         self.config = config
         self.input_key = self.latents.key
         self.dtype = compute_dtype(config.dtype)
@@ -231,11 +249,14 @@ class DiffusionTask:
         self.tx, self.lr = make_optimizer(config.optimizer, global_batch_size=config.batch_size,
                                           total_steps=config.total_steps)
         kind = config.conditioning.kind
-        self.class_conditional = kind in ("class", "class_crossattn")
+        self.class_conditional = kind in ("class", "class_crossattn") or (
+            kind == "hybrid" and config.conditioning.context_kind == "class_crossattn")
+        self.image_conditional = kind in ("concat", "hybrid")
         self.null_label = self.condition.null_label if self.class_conditional else None
         # The input pipeline's per-example hook (captions / layouts -> tokens); class labels
         # are read by the pipeline itself.
-        self.condition_fn = self.condition.condition_fn if kind in ("text", "layout") else None
+        self.condition_fn = (self.condition.condition_fn
+                             if kind in ("text", "layout", "concat", "hybrid") else None)
 
     # ----------------------------------------------------------------------------- state
     def phase_for_step(self, step: int) -> str:
@@ -256,9 +277,12 @@ class DiffusionTask:
         null = jax.tree_util.tree_map(jnp.asarray, self.condition.null(1))
         cond_params = self.condition.init(k_cond)
         frozen = self.condition.frozen_params()
+        if getattr(self.condition, "reads_constants", False):
+            frozen = self.constants()
         unet_kwargs = jax.eval_shape(lambda p, f: self.condition.encode(p, f, null),
                                      cond_params, frozen)
         unet_kwargs = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), unet_kwargs)
+        x, unet_kwargs = image_conditioning.unet_input(x, unet_kwargs)
         params = self.model.init({"params": k_params}, x, jnp.zeros((1,), jnp.int32),
                                  **unet_kwargs)["params"]
         if cond_params is not None:
@@ -288,11 +312,14 @@ class DiffusionTask:
     def unet_inputs(self, params, constants: dict, cond: dict) -> dict:
         """The UNet's condition keyword arguments (`context`, `y`) for a condition batch."""
         _, cond_params = encoders.split_params(params)
+        if getattr(self.condition, "reads_constants", False):  # image conditions: first stage
+            return self.condition.encode(cond_params, constants, cond)
         return self.condition.encode(cond_params, constants.get("cond_stage"), cond)
 
     def _apply(self, params, x_t, t, unet_kwargs, *, train=False, dropout_rng=None):
         rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else {}
         unet_params, _ = encoders.split_params(params)
+        x_t, unet_kwargs = image_conditioning.unet_input(x_t, unet_kwargs)
         return self.model.apply({"params": unet_params}, x_t, t, train=train, rngs=rngs,
                                 **unet_kwargs)
 
@@ -363,11 +390,18 @@ class DiffusionTask:
         """
         sampler = sampler or make_sampler(self.config, self.schedule)
         scale = self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale
-        shape = (num,) + self.latents.latent_shape
         constants = constants or {}
         if cond is None and labels is not None:
             cond = {"label": labels}
-        null = jax.tree_util.tree_map(jnp.asarray, self.condition.null(num))
+        hw = self.latents.latent_shape[:2]
+        if self.image_conditional:
+            if cond is None:
+                raise encoders.ConditionError("an image-conditioned model samples from an input: "
+                                              "pass cond (see condition.request).")
+            hw = self.condition.latent_hw(cond)  # convolutional sampling: any size
+        shape = (num,) + tuple(hw) + self.latents.latent_shape[-1:]
+        null = jax.tree_util.tree_map(jnp.asarray,
+                                      image_conditioning.guidance_null(self.condition, cond, num))
         conditioned = cond is not None and bool(self.condition.keys)
         c_kwargs = self.unet_inputs(params, constants, cond if conditioned else null)
         apply = lambda x, t, kw: self._apply(params, x, t, kw)

@@ -1,0 +1,45 @@
+"""Inpainting LDM on the embedded digits (32 px, the digits KL-f4 autoencoder's 8x8x3 latents).
+
+Training masks per example: a box, free-form strokes or a half of the image (left, right,
+top, bottom), covering 10-50 %; the masked image goes through the frozen first stage and its
+latent, with the mask at the latent grid, is concatenated to z_t (3 + 1 channels: in_channels
+7). UNet 32 channels, mult 1,2, self-attention at 4x4 (a filled half must agree with the kept
+one). No condition dropout, guidance 1. Evaluation masks the left or the right half.
+Pipeline: bash launch/digits_pipeline.sh inpaint
+Variants: none, `smoke` (tiny UNet on synthetic latents).
+"""
+
+from ldm_jax.config import defaults as config_defaults
+
+
+def get_config(arg=None):
+    c = config_defaults.diffusion_config(
+        first_stage_kind="kl", model_channels=32, channel_mult=(1, 2),
+        attention_resolutions=(2,), num_head_channels=32)
+    c.source_data = config_defaults.data_config(source="digits", image_size=32)
+    c.latents.scale_num_examples = 1024
+    c.latents.keep_images = True  # the images the masks are drawn on
+    c.data.latents_dir = "data/digits_inpaint_kl_f4_latents"
+    c.conditioning.kind = "concat"
+    c.conditioning.image_task = "inpaint"
+    c.conditioning.mask_kinds = ("box", "stroke", "half")
+    c.conditioning.mask_min_coverage = 0.1
+    c.conditioning.mask_max_coverage = 0.5
+    c.sampling.num_steps = 50
+    c.batch_size = 64
+    c.total_steps = 3000
+    c.log_every_steps = 100
+    c.eval_every_steps = 1500
+    c.eval_num_examples = 299
+    c.image_every_steps = 1500
+    c.checkpoint_every_steps = 1000
+    c.num_grid_images = 16
+    c.ema.decay = 0.999
+    c.optimizer.base_learning_rate = 1e-3 / 64
+    c.optimizer.warmup_steps = 100
+    c.optimizer.weight_decay = 0.0
+    if arg == "smoke":
+        c = config_defaults.smoke_diffusion(c, latent_channels=3)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r}; use none or 'smoke'.")
+    return c
