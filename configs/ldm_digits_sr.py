@@ -6,7 +6,9 @@ by the digits KL-f4 autoencoder of the README pipeline to 8x8x3 latents, so the 
 sits on the latent grid and is concatenated to z_t as it is (in_channels 6). The UNet (32
 channels, mult 1,2) has no attention: super-resolution is local, and a purely convolutional
 network samples any size alike, e.g. a 16x16 mosaic of four digits to 64x64 ("convolutional
-sampling"). No condition dropout, guidance 1.
+sampling"). v-prediction: with eps-prediction the samples kept a fine grain (SSIM 0.88
+against bicubic's 0.96 at 2000 steps) that a v-model does not leave. No condition dropout,
+guidance 1.
 Pipeline: bash launch/digits_pipeline.sh sr
 Variants: none, `smoke` (tiny UNet on synthetic latents).
 """
@@ -24,17 +26,18 @@ def get_config(arg=None):
     c.latents.keep_images = True  # the ground truth for PSNR / SSIM against the outputs
     c.data.latents_dir = "data/digits_sr_kl_f4_latents"
     c.data.low_res_key = "low_res"
+    c.diffusion.parameterization = "v"
     c.conditioning.kind = "concat"
     c.conditioning.image_task = "sr"
     c.conditioning.sr_factor = 4
     c.conditioning.degradation = "given"
     c.sampling.num_steps = 50
     c.batch_size = 64
-    c.total_steps = 2000
+    c.total_steps = 3000
     c.log_every_steps = 100
-    c.eval_every_steps = 1000
+    c.eval_every_steps = 1500
     c.eval_num_examples = 299
-    c.image_every_steps = 1000
+    c.image_every_steps = 1500
     c.checkpoint_every_steps = 1000
     c.num_grid_images = 16
     c.ema.decay = 0.999

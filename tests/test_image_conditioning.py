@@ -244,3 +244,38 @@ def test_hybrid_guidance_keeps_the_image_and_drops_the_context():
     z = task.sample_latents(state.params["model"], jax.random.key(2), 2, cond=batch,
                             sampler=sampler, guidance_scale=2.0)
     assert z.shape == (2, 8, 8, 3) and bool(jnp.all(jnp.isfinite(z)))
+
+
+def test_mosaics_and_foreground_iou():
+    from ldm_jax.evaluation import image_tasks
+    inputs = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
+    mosaics, labels = image_tasks.make_mosaics(inputs, np.arange(5))
+    assert mosaics.shape == (1, 4, 4, 3) and labels.tolist() == [[0, 1, 2, 3]]
+    np.testing.assert_array_equal(mosaics[0, :2, :2], inputs[0])
+    np.testing.assert_array_equal(mosaics[0, :2, 2:], inputs[1])
+    np.testing.assert_array_equal(mosaics[0, 2:, :2], inputs[2])
+    np.testing.assert_array_equal(mosaics[0, 2:, 2:], inputs[3])
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[0, :2] = 200  # top half bright
+    images[1, :, :1] = 100  # left column, dimmer: the threshold is relative to the brightest
+    fg = np.zeros((2, 4, 4), bool)
+    fg[0, :1] = True  # a quarter: IoU 4 / 8
+    fg[1, :, :1] = True
+    np.testing.assert_allclose(image_tasks.foreground_iou(images, fg), [0.5, 1.0])
+
+
+def test_hybrid_with_a_class_context_trains_and_samples(tmp_path):
+    config = tiny("ldm_digits_semantic.py", total_steps=1, checkpoint_every_steps=1)
+    config.conditioning.kind = "hybrid"
+    config.conditioning.context_kind = "class_crossattn"
+    config.conditioning.width = 32
+    config.conditioning.p_uncond = 0.5
+    workdir = str(tmp_path / "run")
+    result = train_and_evaluate(config, workdir)
+    assert result["step"] == 1 and result["finite"] == 1.0
+    task = DiffusionTask(config)
+    assert task.class_conditional and task.config.conditioning.num_embed_classes == 5
+    seg = np.zeros((2, 8, 8), np.uint8)
+    seg[:, 2:6, 2:6] = 2
+    cond = task.condition.request(2, inputs=seg, labels="1,3", levels=2)
+    assert cond["label"].tolist() == [1, 3] and cond["segmentation"].shape == (2, 8, 8)

@@ -341,6 +341,11 @@ class HybridCondition:
         self.channels = image.channels
         self.task = image.task
 
+    @property
+    def null_label(self):
+        """The context's null class id (class contexts only)."""
+        return self.context.null_label
+
     def identity(self) -> dict:
         return {"kind": self.kind, "image": self.image.identity(),
                 "context": getattr(self.context, "identity", lambda: {"kind": self.context.kind})()}
@@ -351,7 +356,7 @@ class HybridCondition:
     def condition_fn(self, fields, rng, train):
         out = dict(self.image.condition_fn(fields, rng, train))
         if self.context.kind == "class_crossattn":
-            out["label"] = label_of(fields, "data.label_key")
+            label_of(fields, "data.label_key")  # the pipeline itself adds 'label' to the batch
         else:
             out.update(self.context.condition_fn(fields, rng, train))
         return out

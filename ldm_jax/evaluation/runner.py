@@ -481,7 +481,14 @@ def format_table(report: dict) -> str:
     """A short text table of a report."""
     lines = [f"{report['stage']} run, step {report['step']}, features {report['features']}, "
              f"N={report['num_samples']}, {report['time_s']:.1f} s"]
-    for key, value in report["metrics"].items():
+    def rows(items, prefix=""):
+        for key, value in items:
+            if isinstance(value, dict):  # nested reports (condition accuracies, image tasks)
+                yield from rows(value.items(), f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for key, value in rows(report["metrics"].items()):
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"  {key:<24} {shown:>12}")
+        lines.append(f"  {key:<32} {shown:>12}")
     return "\n".join(lines)

@@ -420,8 +420,9 @@ class DiffusionTask:
         return jnp.clip(z / 3.0, -1.0, 1.0)
 
     def grid_condition(self, batch: dict, num: int):
-        """Conditions of the training grids: every class in turn, else the batch's own."""
-        if self.class_conditional:
+        """Conditions of the training grids: every class in turn, else the batch's own (image
+        conditions: always the batch's own)."""
+        if self.class_conditional and not self.image_conditional:
             return {"label": jnp.arange(num, dtype=jnp.int32) % self.null_label}
         cond = self.condition_from_batch(batch)
         return cond or None
