@@ -4,7 +4,8 @@ strokes of digit d: 11 classes) -> a 32 px digit drawn in that shape.
 The one-hot map is averaged to the 8x8 latent grid of the digits KL-f4 autoencoder and
 projected to 3 channels by a jointly trained bias-free 1x1 convolution (the paper's "rescaled
 to 3 channels"), concatenated to z_t (in_channels 6). UNet 32 channels, mult 1,2, no
-attention. No condition dropout, guidance 1.
+attention. v-prediction (as the digits SR model: an eps-model of this size left grainy samples,
+FID 79, 90.5 % read as the map's digit at 2000 steps). No condition dropout, guidance 1.
 Pipeline: bash launch/digits_pipeline.sh semantic
 Variants: none, `smoke` (tiny UNet on synthetic latents and label maps).
 """
@@ -21,17 +22,18 @@ def get_config(arg=None):
     c.latents.scale_num_examples = 1024
     c.data.latents_dir = "data/digits_semantic_kl_f4_latents"
     c.data.segmentation_key = "segmentation"
+    c.diffusion.parameterization = "v"
     c.conditioning.kind = "concat"
     c.conditioning.image_task = "semantic"
     c.conditioning.num_segmentation_classes = 11
     c.conditioning.concat_channels = 3
     c.sampling.num_steps = 50
     c.batch_size = 64
-    c.total_steps = 2000
+    c.total_steps = 3000
     c.log_every_steps = 100
-    c.eval_every_steps = 1000
+    c.eval_every_steps = 1500
     c.eval_num_examples = 299
-    c.image_every_steps = 1000
+    c.image_every_steps = 1500
     c.checkpoint_every_steps = 1000
     c.num_grid_images = 16
     c.ema.decay = 0.999

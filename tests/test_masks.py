@@ -125,3 +125,16 @@ def test_errors():
         masks.half_mask(8, 8, "middle")
     with pytest.raises(ValueError, match="0 < min_coverage <= max_coverage < 1"):
         masks.box_mask(8, 8, np.random.default_rng(0), 0.6, 0.5)
+
+
+def test_mask_kind_weights_set_the_mix_and_are_checked():
+    fn = masks.make_mask_fn(("box", "half"), min_coverage=0.1, max_coverage=0.4, max_strokes=2,
+                      weights=(1, 3))
+    rng = np.random.default_rng(0)
+    halves = [m for m in (fn(16, 16, rng) for _ in range(400)) if masks.mask_coverage(m) == 0.5]
+    assert 0.68 < len(halves) / 400 < 0.82  # 3/4, the box masks are rarely exactly a half
+    with pytest.raises(ValueError, match="mask_kind_weights"):
+        masks.make_mask_fn(("box", "half"), min_coverage=0.1, max_coverage=0.4, max_strokes=2,
+                     weights=(1,))
+    with pytest.raises(ValueError, match="names a kind twice"):
+        masks.make_mask_fn(("box", "box"), min_coverage=0.1, max_coverage=0.4, max_strokes=2)

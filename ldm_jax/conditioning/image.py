@@ -15,7 +15,8 @@ concat([z_t, c], -1), so `model.in_channels` = latent channels + `ImageCondition
   (KL: posterior mean; VQ: the pre-quantisation latent, as the reference's cond stage) times
   the scale factor, and the mask is subsampled to the latent grid (the reference's nearest
   interpolation) and fed as {-1, +1}: latent channels + 1. These are the reference
-  inpainting script's conventions, so converted CompVis inpainting weights see their inputs. Training masks come from ldm_jax/data/masks.py.
+  inpainting script's conventions, so converted CompVis inpainting weights see their inputs.
+  Training masks come from ldm_jax/data/masks.py.
 * 'semantic': the label map [H, W] of class ids, one-hot, averaged over f x f cells (what the
   reference's SpatialRescaler's log2(f) bilinear halvings compute) and projected to
   `concat_channels` by a bias-free 1x1 convolution `channel_mapper` (trained jointly under
@@ -106,7 +107,7 @@ class ImageCondition:
             self._mask_fn = make_mask_fn(
                 tuple(cfg.mask_kinds), min_coverage=cfg.mask_min_coverage,
                 max_coverage=cfg.mask_max_coverage, max_strokes=cfg.mask_max_strokes,
-                stroke_width=tuple(cfg.mask_stroke_width))
+                stroke_width=tuple(cfg.mask_stroke_width), weights=tuple(cfg.mask_kind_weights))
             self.keys = ("masked_image", "fill_mask")
             self.channels = self.latent_channels + 1
         else:

@@ -329,9 +329,11 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     cond.sr_factor = 4
     cond.degradation = "bicubic"
     # image_task='inpaint': training masks, drawn per example (ldm_jax/data/masks.py): any of
-    # 'box', 'stroke', 'half' (left/right/top/bottom), chosen uniformly; coverage bounds of the
-    # fill area (fraction of pixels) for boxes and strokes.
+    # 'box', 'stroke', 'half' (left/right/top/bottom), chosen uniformly or by
+    # mask_kind_weights; coverage bounds of the fill area (fraction of pixels) for boxes and
+    # strokes.
     cond.mask_kinds = ("box", "stroke", "half")
+    cond.mask_kind_weights = ()  # one weight per mask kind; () = uniform
     cond.mask_min_coverage = 0.1
     cond.mask_max_coverage = 0.5
     cond.mask_max_strokes = 4

@@ -198,21 +198,31 @@ def half_mask(h: int, w: int, side: str) -> np.ndarray:
 
 
 def make_mask_fn(kinds: Sequence[str], *, min_coverage: float, max_coverage: float,
-                 max_strokes: int, stroke_width=(0.05, 0.15)) -> MaskFn:
-    """`fn(h, w, rng) -> uint8 [h, w]`, one kind drawn uniformly per call from `kinds`.
+                 max_strokes: int, stroke_width=(0.05, 0.15), weights=()) -> MaskFn:
+    """`fn(h, w, rng) -> uint8 [h, w]`, one kind drawn per call from `kinds`, uniformly or
+    with probabilities proportional to `weights` (one per kind).
 
     Arguments mirror config.conditioning.mask_{kinds,min_coverage,max_coverage,max_strokes,
-    stroke_width} and are checked here, once, with errors naming those fields.
+    stroke_width,kind_weights} and are checked here, once, with errors naming those fields.
     """
     if isinstance(kinds, str):
         kinds = (kinds,)
-    kinds = tuple(dict.fromkeys(kinds))  # de-duplicated, order kept: uniform over kinds
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"config.conditioning.mask_kinds={tuple(kinds)!r} names a kind twice; "
+                         "weight kinds with config.conditioning.mask_kind_weights instead.")
+    kinds = tuple(kinds)
     bad = [k for k in kinds if k not in MASK_KINDS]
     if bad or not kinds:
         raise ValueError(
             f"config.conditioning.mask_kinds={kinds!r}: unknown or empty {bad!r}; "
             f"choose one or more of {MASK_KINDS}"
         )
+    weights = tuple(float(v) for v in (weights or ()))
+    if weights and (len(weights) != len(kinds) or min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(
+            f"config.conditioning.mask_kind_weights={weights!r} must give one weight >= 0 per "
+            f"kind of mask_kinds={kinds!r} (not all 0), or be () for uniform.")
+    probs = np.asarray(weights, np.float64) / sum(weights) if weights else None
     _check_coverage(
         min_coverage, max_coverage,
         ("config.conditioning.mask_min_coverage", "config.conditioning.mask_max_coverage"),
@@ -227,7 +237,10 @@ def make_mask_fn(kinds: Sequence[str], *, min_coverage: float, max_coverage: flo
         )
 
     def mask_fn(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-        kind = kinds[int(rng.integers(len(kinds)))]
+        if probs is None:
+            kind = kinds[int(rng.integers(len(kinds)))]
+        else:
+            kind = kinds[int(rng.choice(len(kinds), p=probs))]
         if kind == "box":
             return box_mask(h, w, rng, min_coverage, max_coverage)
         if kind == "stroke":

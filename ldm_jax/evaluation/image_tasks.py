@@ -19,9 +19,9 @@ first stage's run names.
 With the digits features on the embedded digits data the digits classifier also reads the
 outputs: `class_accuracy` (the ground-truth digit; for semantic synthesis the map's digit),
 for semantic synthesis the IoU of the output's foreground (grey above FOREGROUND_THRESHOLD of
-its brightest pixel, as the maps are made) with the map's, and for super-resolution `mosaic`: 2x2 mosaics of four
-held-out low-resolution digits (twice the training input size per side) super-resolved in one
-piece (convolutional sampling), each quadrant classified.
+its brightest pixel, as the maps are made) with the map's, and for super-resolution
+`mosaic`: 2x2 mosaics of four held-out low-resolution digits (twice the training input size
+per side) super-resolved in one piece (convolutional sampling), each quadrant classified.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def _pixel_metrics(outputs: np.ndarray, truth: np.ndarray, extractor, lpips_para
 
 
 def _classify(extractor, images: np.ndarray) -> np.ndarray:
-    from ldm_jax.evaluation.conditioned import _classify as classify  # pylint: disable=protected-access
+    from ldm_jax.evaluation import conditioned
+    classify = conditioned._classify  # pylint: disable=protected-access
     return classify(extractor, extractor.params, images)
 
 
@@ -120,7 +121,8 @@ def image_task_report(config, task, params, extractor, *, sampler, mesh, batch_s
         report["model"] = _pixel_metrics(outputs, truth, extractor, lpips_params)
         report["bicubic"] = _pixel_metrics(bicubic, truth, extractor, lpips_params)
         if digits:
-            report["model"]["class_accuracy"] = float(np.mean(_classify(extractor, outputs) == labels))
+            report["model"]["class_accuracy"] = float(
+                np.mean(_classify(extractor, outputs) == labels))
             report["bicubic"]["class_accuracy"] = float(
                 np.mean(_classify(extractor, bicubic) == labels))
             report["mosaic"] = mosaic_accuracy(run, extractor, inputs, labels)
