@@ -120,7 +120,7 @@ def test_layout_pipeline_at_64_and_flip(tfds_dir, layout_test):
     seen = []
 
     def condition_fn(fields, rng, train):
-        assert set(fields) == {"boxes", "box_labels"} and train
+        assert set(fields) == {"boxes", "box_labels", "image"} and train
         boxes = np.zeros((3, 4), np.float32)
         boxes[:len(fields["boxes"])] = fields["boxes"]
         seen.append(fields)

@@ -40,12 +40,13 @@ and resume guarantees, with no image preprocessing; batches hold
   'index', 'mask'               (as above)
 image_size and random_crop are ignored; random_flip (train only) flips latents left-right.
 
-Conditioning (text, layouts). Both iterators take an optional
+Conditioning (text, layouts, images). Both iterators take an optional
 `condition_fn(fields, rng, train) -> {name: np.ndarray}`. `fields` holds the canonical
 conditioning fields of the example (`ldm_jax.data.conditioning_fields`): 'caption' (str, or
 list[str] for several captions), 'boxes' (float32 [N, 4] normalised xyxy, already following
-the crop and flip of the image or latent), 'box_labels' (int64 [N]) and 'label' (int), each
-only when present. `rng` is the example's augmentation generator (a function of (seed,
+the crop and flip of the image or latent), 'box_labels' (int64 [N]), 'segmentation' and
+'low_res' (following the image likewise), 'label' (int), each only when present, and 'image'
+(uint8 [H, W, 3]: the preprocessed image; for latents the stored one, when kept). `rng` is the example's augmentation generator (a function of (seed,
 position), after the crop/flip draws; None on the eval stream), so a resumed run sees the same
 choices. Its arrays (fixed shapes, e.g. token ids [L]) are added to the example and batched.
 Without a condition_fn, captions and boxes are not put in batches (they do not stack).
