@@ -5,10 +5,6 @@ First stage: the digits KL-f4 autoencoder of the README pipeline (fully convolut
 64 px canvases give 16x16x3 latents). A layout is tokenised as the paper's layout2img does (per
 object: its digit, then its two corners on a 32x32 grid) and encoded by a small jointly trained
 BERT transformer (width 64, 2 layers); the UNet cross-attends to it at 8x8 and 4x4 and in the middle block.
-Each token's input embedding also gets the mean embedding of its object's three tokens
-(`conditioning.layout_object_embedding`, not in the paper): without it this small model placed
-digits in the boxes but drew a digit unrelated to the box's class (10 % per box, chance), since
-its transformer had not learned in 3000 steps which class token belongs to which corners.
 Condition dropout 0.1 (the empty layout is the null condition), guidance 2. v-prediction: about
 80 % of a canvas is background, whose constant latent the network reads even at t = T (the
 linear schedule keeps sqrt(abar_T) = 0.07 of the signal) and cannot read in pure noise; an
@@ -37,7 +33,6 @@ def get_config(arg=None):
     c.conditioning.kind = "layout"
     c.conditioning.class_names = tuple(str(d) for d in range(10))
     c.conditioning.max_length = 16  # 3 objects x 3 tokens + BOS/EOS
-    c.conditioning.layout_object_embedding = True
     c.conditioning.width, c.conditioning.depth = 64, 2
     c.conditioning.heads, c.conditioning.dim_head = 4, 16
     c.conditioning.p_uncond = 0.1

@@ -124,29 +124,3 @@ def test_decode_rejects_garbage_and_bad_settings():
         tok(layout([0], [[0, 0, 1, 1]]))
     with pytest.raises(LayoutError, match="num_classes"):
         LayoutTokenizer(0)
-
-
-def test_object_embedding_adds_each_objects_mean_embedding():
-    import jax
-    import jax.numpy as jnp
-    from ldm_jax.conditioning.ldm_bert import _object_means
-    x = jax.random.normal(jax.random.key(0), (2, 9, 4))  # BOS, 2 objects of 3, EOS, PAD
-    out = np.asarray(_object_means(x, 3))
-    xn = np.asarray(x)
-    np.testing.assert_array_equal(out[:, 0], 0.0)
-    np.testing.assert_allclose(out[:, 1:4], np.repeat(xn[:, 1:4].mean(1, keepdims=True), 3, 1),
-                               atol=1e-6)
-    np.testing.assert_allclose(out[:, 4:7], np.repeat(xn[:, 4:7].mean(1, keepdims=True), 3, 1),
-                               atol=1e-6)
-    np.testing.assert_array_equal(out[:, 7:], 0.0)
-    # In the encoder: a token's context then depends on its object's other tokens even with
-    # no attention layer (depth 0), and not on other objects'.
-    from ldm_jax.conditioning.ldm_bert import LDMBert
-    model = LDMBert(vocab_size=20, max_length=8, width=8, depth=0, heads=1, dim_head=8,
-                    object_size=3)
-    tokens = jnp.asarray([[1, 3, 10, 11, 4, 12, 13, 2]])
-    params = model.init(jax.random.key(1), tokens)["params"]
-    other = tokens.at[0, 1].set(5)  # the first object's class changes
-    a, b = model.apply({"params": params}, tokens), model.apply({"params": params}, other)
-    assert float(jnp.abs(a[0, 2] - b[0, 2]).max()) > 1e-3  # its corner token sees the class
-    np.testing.assert_allclose(np.asarray(a[0, 5]), np.asarray(b[0, 5]), atol=1e-6)

@@ -351,11 +351,9 @@ class LayoutCondition(_TokenCondition):
                                          max_length=cfg.max_length)
         self._tokenize = self.tokenizer
         self._empty = (np.zeros((0,), np.int64), np.zeros((0, 4), np.float32))
-        from ldm_jax.conditioning.layout import TOKENS_PER_OBJECT
         self.module = LDMBert(vocab_size=self.tokenizer.vocab_size, max_length=cfg.max_length,
                               width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                              dim_head=cfg.dim_head,
-                              object_size=TOKENS_PER_OBJECT if cfg.layout_object_embedding else 0)
+                              dim_head=cfg.dim_head)
         self.context_dim = int(cfg.width)
 
     def identity(self) -> dict:

@@ -194,20 +194,6 @@ class LDMBertLayer(nn.Module):
         return x + h
 
 
-def _object_means(x: jax.Array, size: int) -> jax.Array:
-    """[B, L, D] -> [B, L, D]: for tokens 1 .. 1 + k*size (k whole objects of `size` tokens
-    after the first token), the mean of their object's embeddings; zero elsewhere."""
-    b, length, d = x.shape
-    groups = (length - 1) // size
-    if groups < 1:
-        return jnp.zeros_like(x)
-    body = x[:, 1:1 + groups * size].reshape(b, groups, size, d)
-    means = jnp.broadcast_to(body.mean(axis=2, keepdims=True), body.shape)
-    means = means.reshape(b, groups * size, d)
-    return jnp.concatenate([jnp.zeros_like(x[:, :1]), means,
-                            jnp.zeros_like(x[:, 1 + groups * size:])], axis=1)
-
-
 class LDMBert(nn.Module):
     """tokens [B, L] int32 (L <= max_length) -> context [B, L, width] float32.
 
@@ -215,12 +201,6 @@ class LDMBert(nn.Module):
     paper's text-to-image model uses width 1280, depth 32. Params are float32; `dtype` is the
     compute dtype (LayerNorms and the softmax stay float32). `train` is accepted for a uniform
     encoder interface: the reference uses no dropout in this network.
-
-    `object_size` > 0 (layouts only; 0 in the paper): the sequence after the first token holds
-    objects of `object_size` consecutive tokens (a layout's class and two corners), and each
-    token's input embedding also gets the mean embedding of its object's tokens, so every token
-    carries its whole object (which class sits in which box) from the first layer on, instead of
-    the attention layers having to learn that binding first. No extra parameters.
     """
 
     vocab_size: int
@@ -230,7 +210,6 @@ class LDMBert(nn.Module):
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
-    object_size: int = 0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -242,8 +221,6 @@ class LDMBert(nn.Module):
         positions = nn.Embed(self.max_length, self.width, embedding_init=embedding_init,
                              param_dtype=jnp.float32, name="pos_emb")(
                                  jnp.arange(tokens.shape[1]))
-        if self.object_size:
-            x = x + _object_means(x, self.object_size)
         x = (x + positions[None]).astype(self.dtype)
         for i in range(self.depth):
             x = LDMBertLayer(self.width, self.heads, self.dim_head, self.ff_mult,

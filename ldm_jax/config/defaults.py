@@ -310,10 +310,6 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     # from the data's box_labels feature).
     cond.layout_grid = 32
     cond.num_layout_classes = 0
-    # kind='layout': add to each token's input embedding the mean embedding of its object
-    # (class + two corners), so tau need not learn which class belongs to which box first
-    # (ldm_jax/conditioning/ldm_bert.py, LDMBert.object_size). False in the paper.
-    cond.layout_object_embedding = False
     # kind='class_crossattn': class count including the null class (0 = from the data, K + 1).
     cond.num_embed_classes = 0
     # Image conditions (kind='concat', or 'hybrid' = concat + a cross-attention context of
