@@ -120,10 +120,15 @@ KINDS = {
 }
 
 
-def _compvis_checkpoint(kind):
-    """(state dict, YAML text) of a LatentDiffusion `kind` checkpoint with random weights."""
+def _compvis_checkpoint(kind, attn_type=None):
+    """(state dict, YAML text) of a LatentDiffusion `kind` checkpoint with random weights
+    (`attn_type`: the first stage's ddconfig.attn_type, when given)."""
     spec = KINDS[kind]
     text = YAML.format(**spec)
+    if attn_type is not None:
+        doc = yaml.safe_load(text)
+        doc["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["attn_type"] = attn_type
+        text = yaml.safe_dump(doc)
     params = yaml.safe_load(text)["model"]["params"]
     fields = compvis.unet_fields_from_compvis(params["unet_config"]["params"])
     unet = _random_params(make_unet(ml_collections.ConfigDict(dict(fields, attention_impl=None))),
@@ -270,11 +275,28 @@ def test_compvis_image_checkpoints_refuse_what_ldm_jax_cannot_represent(tmp_path
     changed[key] = changed[key] + 1.0
     with pytest.raises(ConversionError, match="does not repeat first_stage_model"):
         _convert(changed, text_inpaint)
-    # The inpainting_big first stage has no attention at all: named, not a list of missing keys.
+    # Attention kinds other than the reference's 'vanilla' and 'none' are named.
     doc = yaml.safe_load(text_inpaint)
-    doc["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["attn_type"] = "none"
-    with pytest.raises(ConversionError, match="ddconfig.attn_type='none'"):
+    doc["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["attn_type"] = "linear"
+    with pytest.raises(ConversionError, match="ddconfig.attn_type='linear'"):
         compvis.convert_ldm_checkpoint(sd_inpaint, doc, log=lambda msg: None)
+
+
+def test_inpainting_checkpoint_whose_first_stage_has_no_attention(tmp_path):
+    """The released inpainting_big's VQ-f4 has ddconfig.attn_type='none' (no attention blocks,
+    not even in the middle): it converts, and its first stage has no attention parameters."""
+    sd, text = _compvis_checkpoint("inpaint", attn_type="none")
+    assert not any(".attn" in k for k in sd)
+    out = _convert(sd, text)
+    assert out["first_stage_config"].model.attn_type == "none"
+    names = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(out["first_stage_params"])]
+    assert names and not any("attn" in n for n in names)
+    from ldm_jax.models.autoencoder import make_first_stage
+    model = make_first_stage(out["first_stage_config"].model)
+    x = jnp.zeros((1, 16, 16, 3))
+    z = model.apply({"params": out["first_stage_params"]}, x, method=model.encode)
+    assert model.apply({"params": out["first_stage_params"]}, z, method=model.decode).shape == x.shape
 
 
 # ------------------------------------------------------------------------------------------------

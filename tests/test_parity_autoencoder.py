@@ -31,6 +31,10 @@ CASES = [
         down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
         up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=3,
         layers_per_block=2)),
+    ("vq_no_attention", "VQModel", dict(  # CompVis attn_type='none' (inpainting_big's VQ-f4)
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        mid_block_add_attention=False, latent_channels=3, num_vq_embeddings=64,
+        vq_embed_dim=3)),
     ("vq_attn_level0", "VQModel", dict(
         down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "AttnUpDecoderBlock2D"), latent_channels=3,

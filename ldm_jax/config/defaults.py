@@ -123,6 +123,10 @@ def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
     m.ch_mult = tuple(ch_mult)
     m.num_res_blocks = 2
     m.attn_resolutions = tuple(attn_resolutions)
+    # 'vanilla': the reference's attention blocks (at attn_resolutions and in the middle
+    # blocks); 'none': no attention block at all (the reference's attn_type='none', e.g. the
+    # first stage of the released inpainting model).
+    m.attn_type = "vanilla"
     # The nominal input size attn_resolutions refer to; None = data.image_size (checked
     # against it when set).
     m.resolution = ml_collections.config_dict.placeholder(int)

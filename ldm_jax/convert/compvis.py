@@ -107,10 +107,11 @@ def ae_fields_from_compvis(target: str, params: Mapping[str, Any]) -> Dict[str, 
     dd = params.get("ddconfig")
     if not isinstance(dd, Mapping):
         raise ConversionError("--config YAML first_stage_config.params.ddconfig is missing.")
-    if dd.get("attn_type", "vanilla") != "vanilla":
-        raise ConversionError(f"--config YAML ddconfig.attn_type={dd['attn_type']!r} is not "
+    attn_type = dd.get("attn_type", "vanilla")
+    if attn_type not in ("vanilla", "none"):
+        raise ConversionError(f"--config YAML ddconfig.attn_type={attn_type!r} is not "
                               f"supported: ldm_jax's autoencoder has the reference's 'vanilla' "
-                              f"attention blocks (its mid-block attention always).")
+                              f"attention blocks, or none at all ('none').")
     if kind == "kl" and not dd.get("double_z", True):
         raise ConversionError("--config YAML ddconfig.double_z=False for an AutoencoderKL: the "
                               "KL encoder must output mean and log-variance (double_z=True).")
@@ -120,7 +121,8 @@ def ae_fields_from_compvis(target: str, params: Mapping[str, Any]) -> Dict[str, 
                   resolution=int(dd["resolution"]), in_channels=int(dd.get("in_channels", 3)),
                   out_ch=int(dd.get("out_ch", 3)), z_channels=int(dd["z_channels"]),
                   embed_dim=int(params["embed_dim"]), dropout=float(dd.get("dropout", 0.0)),
-                  norm_groups=32, n_embed=0, beta=0.25, legacy_beta=False)
+                  norm_groups=32, n_embed=0, beta=0.25, legacy_beta=False,
+                  attn_type=attn_type)
     if kind == "vq":
         # taming's VectorQuantizer2 (used by LDM's VQModel) defaults to legacy=True.
         fields.update(n_embed=int(params["n_embed"]), legacy_beta=True)

@@ -37,16 +37,25 @@ def _attn(out: List[Leaf], p: str, cv: str, df: str) -> None:
         out.append(leaf(f"{p}/{n}", "conv1x1", f"{cv}.{n}", f"{df}.{d}", df_fmt="linear"))
 
 
-def _mid(out: List[Leaf], side: str, ch: int) -> None:
+def _mid(out: List[Leaf], side: str, ch: int, attention: bool = True) -> None:
     _res(out, f"{side}/mid_block_1", f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", ch, ch)
-    _attn(out, f"{side}/mid_attn_1", f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0")
+    if attention:
+        _attn(out, f"{side}/mid_attn_1", f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0")
     _res(out, f"{side}/mid_block_2", f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", ch, ch)
+
+
+def _attention(m: Mapping) -> bool:
+    """False for attn_type='none' (model.attn_type; older configs lack it: 'vanilla')."""
+    return (m["attn_type"] if "attn_type" in m else "vanilla") == "vanilla"
 
 
 def ae_leaves(m: Mapping) -> List[Leaf]:
     """Every module of the first stage built from ``m`` (autoencoder config.model fields)."""
     ch, mult, nrb = int(m["ch"]), tuple(m["ch_mult"]), int(m["num_res_blocks"])
     res, attn_res = int(m["resolution"]), tuple(m["attn_resolutions"])
+    attention = _attention(m)
+    if not attention:  # attn_type='none': no attention block anywhere
+        attn_res = ()
     n = len(mult)
     out: List[Leaf] = [leaf("encoder/conv_in", "conv", "encoder.conv_in", "encoder.conv_in")]
     c_in = ch
@@ -63,7 +72,7 @@ def ae_leaves(m: Mapping) -> List[Leaf]:
             out.append(leaf(f"encoder/down_{i}_downsample/conv", "conv",
                             f"encoder.down.{i}.downsample.conv",
                             f"encoder.down_blocks.{i}.downsamplers.0.conv"))
-    _mid(out, "encoder", c_in)
+    _mid(out, "encoder", c_in, attention)
     out.append(leaf("encoder/norm_out", "norm", "encoder.norm_out", "encoder.conv_norm_out"))
     out.append(leaf("encoder/conv_out", "conv", "encoder.conv_out", "encoder.conv_out"))
     out.append(leaf("quant_conv", "conv", "quant_conv", "quant_conv"))
@@ -73,7 +82,7 @@ def ae_leaves(m: Mapping) -> List[Leaf]:
 
     out.append(leaf("decoder/conv_in", "conv", "decoder.conv_in", "decoder.conv_in"))
     c_in = ch * mult[-1]
-    _mid(out, "decoder", c_in)
+    _mid(out, "decoder", c_in, attention)
     for i in reversed(range(n)):
         k, c_out = n - 1 - i, ch * mult[i]
         for j in range(nrb + 1):
@@ -96,7 +105,7 @@ def ae_leaves(m: Mapping) -> List[Leaf]:
 # diffusers config <-> autoencoder config.model fields
 # ------------------------------------------------------------------------------------------------
 
-_FIXED = {"act_fn": "silu", "mid_block_add_attention": True}
+_FIXED = {"act_fn": "silu"}
 _FIXED_KL = {"use_quant_conv": True, "use_post_quant_conv": True, "shift_factor": None,
              "latents_mean": None, "latents_std": None}
 _FIXED_VQ = {"norm_type": "group", "lookup_from_codebook": False}
@@ -139,13 +148,19 @@ def ae_fields_from_diffusers(cfg: Mapping) -> Dict[str, Any]:
             raise ConversionError(f"diffusers {cls} up_block_types[{k}]={t!r}: ldm_jax's decoder "
                                   f"mirrors the encoder, so it must be {want!r}.")
     latent = int(cfg.get("latent_channels", 4))
+    mid_attention = bool(cfg.get("mid_block_add_attention", True))
+    if not mid_attention and any(attn):
+        raise ConversionError(f"diffusers {cls} mid_block_add_attention=False with attention "
+                              f"blocks in {down}: ldm_jax's first stage has attention in the "
+                              f"middle blocks, or none anywhere (attn_type='none').")
     fields = dict(kind="kl" if cls == KL else "vq", ch=ch, ch_mult=tuple(c // ch for c in boc),
                   num_res_blocks=int(cfg.get("layers_per_block", 1)),
                   attn_resolutions=tuple(size // 2 ** i for i in range(n) if attn[i]),
                   resolution=size, in_channels=int(cfg.get("in_channels", 3)),
                   out_ch=int(cfg.get("out_channels", 3)), z_channels=latent, embed_dim=latent,
                   dropout=0.0, norm_groups=int(cfg.get("norm_num_groups", 32)), n_embed=0,
-                  beta=0.25, legacy_beta=False)
+                  beta=0.25, legacy_beta=False,
+                  attn_type="vanilla" if mid_attention else "none")
     if cls == VQ:
         # diffusers' (and taming's) VectorQuantizer defaults to the legacy beta placement.
         fields.update(n_embed=int(cfg.get("num_vq_embeddings", 256)),
@@ -160,7 +175,8 @@ def ae_diffusers_config_from_model(m: Mapping, scaling_factor: float) -> Dict[st
         raise ConversionError(f"autoencoder model.ch_mult={mult}: diffusers' conv_in width is "
                               f"block_out_channels[0], so ch_mult[0] must be 1.")
     n, res = len(mult), int(m["resolution"])
-    attn = [res // 2 ** i in tuple(m["attn_resolutions"]) for i in range(n)]
+    attention = _attention(m)
+    attn = [attention and res // 2 ** i in tuple(m["attn_resolutions"]) for i in range(n)]
     cfg: Dict[str, Any] = dict(
         in_channels=int(m["in_channels"]), out_channels=int(m["out_ch"]),
         down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
@@ -169,7 +185,7 @@ def ae_diffusers_config_from_model(m: Mapping, scaling_factor: float) -> Dict[st
         block_out_channels=[ch * x for x in mult], layers_per_block=int(m["num_res_blocks"]),
         act_fn="silu", latent_channels=int(m["z_channels"]),
         norm_num_groups=int(m.get("norm_groups", 32)), sample_size=res,
-        scaling_factor=float(scaling_factor), mid_block_add_attention=True)
+        scaling_factor=float(scaling_factor), mid_block_add_attention=attention)
     if m["kind"] == "kl":
         if int(m["embed_dim"]) != int(m["z_channels"]):
             raise ConversionError(f"autoencoder model.embed_dim={m['embed_dim']} != z_channels="

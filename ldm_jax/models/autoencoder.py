@@ -203,6 +203,7 @@ class Encoder(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     num_groups: int = 32
+    attention: bool = True  # False: the reference's attn_type='none' (no attention blocks)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -213,7 +214,7 @@ class Encoder(nn.Module):
             for j in range(self.num_res_blocks):
                 h = ResnetBlock(self.ch * mult, self.dropout, self.num_groups, self.dtype,
                                 name=f"down_{i}_block_{j}")(h, train)
-                if curr_res in self.attn_resolutions:
+                if self.attention and curr_res in self.attn_resolutions:
                     h = AttnBlock(self.num_groups, self.dtype, name=f"down_{i}_attn_{j}")(h)
             if i != n_levels - 1:
                 h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
@@ -221,7 +222,8 @@ class Encoder(nn.Module):
         block_in = h.shape[-1]
         h = ResnetBlock(block_in, self.dropout, self.num_groups, self.dtype,
                         name="mid_block_1")(h, train)
-        h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
+        if self.attention:
+            h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
         h = ResnetBlock(block_in, self.dropout, self.num_groups, self.dtype,
                         name="mid_block_2")(h, train)
         h = _group_norm(h, self.num_groups, self.dtype, "norm_out")
@@ -248,6 +250,7 @@ class Decoder(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     num_groups: int = 32
+    attention: bool = True  # False: the reference's attn_type='none' (no attention blocks)
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False, return_features: bool = False):
@@ -259,7 +262,8 @@ class Decoder(nn.Module):
         h = _conv(block_in, 3, self.dtype, "conv_in")(z.astype(self.dtype))
         h = ResnetBlock(block_in, self.dropout, self.num_groups, self.dtype,
                         name="mid_block_1")(h, train)
-        h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
+        if self.attention:
+            h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
         h = ResnetBlock(block_in, self.dropout, self.num_groups, self.dtype,
                         name="mid_block_2")(h, train)
         for i in reversed(range(n_levels)):
@@ -267,7 +271,7 @@ class Decoder(nn.Module):
             for j in range(self.num_res_blocks + 1):
                 h = ResnetBlock(block_out, self.dropout, self.num_groups, self.dtype,
                                 name=f"up_{i}_block_{j}")(h, train)
-                if curr_res in self.attn_resolutions:
+                if self.attention and curr_res in self.attn_resolutions:
                     h = AttnBlock(self.num_groups, self.dtype, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
@@ -299,18 +303,20 @@ class _FirstStageBase(nn.Module):
     out_ch: int = 3
     dropout: float = 0.0
     num_groups: int = 32
+    attention: bool = True
     dtype: Dtype = jnp.float32
 
     def _make_encoder(self, double_z: bool) -> Encoder:
         return Encoder(self.ch, tuple(self.ch_mult), self.num_res_blocks,
                        tuple(self.attn_resolutions), self.resolution, self.z_channels,
                        double_z=double_z, dropout=self.dropout, dtype=self.dtype,
-                       num_groups=self.num_groups)
+                       num_groups=self.num_groups, attention=self.attention)
 
     def _make_decoder(self) -> Decoder:
         return Decoder(self.ch, self.out_ch, tuple(self.ch_mult), self.num_res_blocks,
                        tuple(self.attn_resolutions), self.resolution, self.z_channels,
-                       dropout=self.dropout, dtype=self.dtype, num_groups=self.num_groups)
+                       dropout=self.dropout, dtype=self.dtype, num_groups=self.num_groups,
+                       attention=self.attention)
 
     def _check_input(self, x: jax.Array) -> None:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
@@ -491,6 +497,9 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
     attn_resolutions = tuple(int(r) for r in _get(model_cfg, "attn_resolutions"))
     resolution = int(_get(model_cfg, "resolution"))
     num_groups = int(_get(model_cfg, "norm_groups", _default("norm_groups")))
+    attn_type = _get(model_cfg, "attn_type", _default("attn_type"))
+    if attn_type not in ("vanilla", "none"):
+        raise ValueError(f"model_cfg.attn_type must be 'vanilla' or 'none', got {attn_type!r}")
 
     f = 2 ** (len(ch_mult) - 1)
     if resolution % f:
@@ -515,6 +524,7 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
         out_ch=int(_get(model_cfg, "out_ch", _default("out_ch"))),
         dropout=float(_get(model_cfg, "dropout", _default("dropout"))),
         num_groups=num_groups,
+        attention=attn_type == "vanilla",
         dtype=jnp.dtype(dtype),
     )
     if kind == "kl":
