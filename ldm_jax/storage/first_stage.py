@@ -71,8 +71,18 @@ def params_hash(params) -> str:
     return digest.hexdigest()[:16]
 
 
+# Model fields added after identities were first recorded, with the value that reproduces the
+# older behaviour: left out of the hash at that value, so latents precomputed before a field
+# existed still match their first stage.
+_HASH_NEUTRAL = {"attn_type": "vanilla"}
+
+
 def model_config_hash(model_cfg) -> str:
-    text = json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(), sort_keys=True, default=list)
+    fields = ml_collections.ConfigDict(model_cfg).to_dict()
+    for key, value in _HASH_NEUTRAL.items():
+        if fields.get(key) == value:
+            del fields[key]
+    text = json.dumps(fields, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
