@@ -31,19 +31,7 @@ def get_config(arg=None):
     c.conditioning.image_task = "sr"
     c.conditioning.sr_factor = 4
     c.conditioning.degradation = "given"
-    c.sampling.num_steps = 50
-    c.batch_size = 64
-    c.total_steps = 3000
-    c.log_every_steps = 100
-    c.eval_every_steps = 1500
-    c.eval_num_examples = 299
-    c.image_every_steps = 1500
-    c.checkpoint_every_steps = 1000
-    c.num_grid_images = 16
-    c.ema.decay = 0.999
-    c.optimizer.base_learning_rate = 1e-3 / 64
-    c.optimizer.warmup_steps = 100
-    c.optimizer.weight_decay = 0.0
+    config_defaults.digits_schedule(c)
     if arg == "smoke":
         c = config_defaults.smoke_diffusion(c, latent_channels=3)
         c.conditioning.degradation = "bicubic"
