@@ -65,28 +65,28 @@ def parse_args(argv=None):
     p.add_argument("--skip_task", action="store_true", help="skip the AutoencoderTask row")
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--channels_last", choices=("both", "on", "off"), default="both")
+    p.add_argument("--conv_impl", choices=("default", "xla", "im2col", "shifted"),
+                   default="default", help="ldm_jax conv formulation (bench/conv_formulations.py). "
+                   "'default' leaves the models' flax.linen.Conv alone; the others replace "
+                   "flax.linen.Conv in this process by bench.conv_formulations.Conv(impl=...), "
+                   "which has the same parameter tree (benchmark-only switch)")
     return p.parse_args(argv)
 
 
-def timed_steps(step, n_warm, n_timed):
-    """Runs step() n_warm + n_timed times; returns (warm-up seconds, per-step seconds)."""
-    t0 = time.perf_counter()
-    for _ in range(n_warm):
-        step()
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(n_timed):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return warm, times
+def apply_conv_impl(impl):
+    """Benchmark-only: make every flax.linen.Conv built by the models use ``impl``."""
+    if impl == "default":
+        return
+    import functools
+
+    import flax.linen as nn
+    from bench.conv_formulations import Conv
+    nn.Conv = functools.partial(Conv, impl=impl)
 
 
-def _flops_of(compiled):
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else {}
-    return float((ca or {}).get("flops", float("nan")))
+# Shared with the other bench/ scripts (bench/common.py).
+from bench.common import flops_of as _flops_of  # noqa: E402
+from bench.common import timed_steps  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------- JAX
@@ -234,6 +234,7 @@ def main(argv=None):
     load0 = os.getloadavg()
     x = np.random.default_rng(0).uniform(-1, 1, (a.batch, a.size, a.size, 3)).astype(np.float32)
     import jax
+    apply_conv_impl(a.conv_impl)
     rows = [bench_jax_model(a, x)]
     if not a.skip_task:
         rows.append(bench_jax_task(a, x))
@@ -249,7 +250,7 @@ def main(argv=None):
 
     print(f"\nfirst-stage KL training step: batch {a.batch}, {a.size}x{a.size}x3, ch {a.ch}, "
           f"ch_mult {a.ch_mult}, num_res_blocks {a.num_res_blocks}, norm_groups {a.norm_groups}, "
-          f"z {a.z_channels}, jax dtype {a.dtype}")
+          f"z {a.z_channels}, jax dtype {a.dtype}, conv_impl {a.conv_impl}")
     print(f"machine: {platform.machine()} nproc {os.cpu_count()}, load avg before "
           f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after "
           + " ".join(f"{v:.2f}" for v in os.getloadavg()))

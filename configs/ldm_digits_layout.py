@@ -36,8 +36,14 @@ def get_config(arg=None):
     c.conditioning.width, c.conditioning.depth = 64, 2
     c.conditioning.heads, c.conditioning.dim_head = 4, 16
     c.conditioning.p_uncond = 0.1
+    c.conditioning.layout_coord_frequencies = 6
+    c.model.transformer_position_frequencies = 6
     c.sampling.guidance_scale = 2.0
     config_defaults.digits_schedule(c, batch_size=32, eval_num_examples=128)
+    # Twice the shared schedule: which digit goes into which box is still being learned at
+    # step 3000 (per-box accuracy 26 / 46 / 59 % at guidance 1 / 2 / 4 there).
+    c.total_steps = 6000
+    c.eval_every_steps = c.image_every_steps = 3000
     if arg == "smoke":
         c = config_defaults.smoke_diffusion(c, latent_channels=3)
     elif arg:

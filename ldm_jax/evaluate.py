@@ -32,7 +32,7 @@ def build_parser():
     parser.add_argument("--cache_dir", default=None,
                         help="default $LDM_JAX_CACHE or ~/.cache/ldm_jax")
     parser.add_argument("--sampler", default="ddim", choices=sorted(samplers.SAMPLERS))
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (ddim/plms)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (every sampler but ddpm)")
     parser.add_argument("--eta", type=float, default=None)
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="classifier-free guidance scale (default: the run's config)")

@@ -9,7 +9,11 @@
 Writes `<out>/000000.png ...` (one PNG per sample), `<out>/grid.png` and `<out>/samples.npz`
 (`images` uint8 [N, H, W, 3], plus the conditions: `labels` int32 [N] for class-conditional
 runs, `prompts` / `layouts` for text / layout runs). Samples come from the EMA weights unless
---no_ema. `--labels` takes class ids or the class names of the training folder (cycled);
+--no_ema. Samplers: ddpm, ddim, plms, dpmpp_2m (DPM-Solver++ 2M; `--karras` for Karras noise
+levels) and euler_a (Euler ancestral). `--eta` overrides the run's sampling.eta; unset, each
+sampler uses its own default (0 = deterministic for ddim/plms/dpmpp_2m, 1 = the standard
+ancestral noise for euler_a). `--labels` takes class ids or the class names of
+the training folder (cycled);
 `--prompt` (repeatable) and `--prompts_file` (one prompt per line) give text prompts, cycled;
 `--layout` (repeatable) gives one layout per image: `class:x0,y0,x1,y1` objects separated by
 `;`, class ids or names, coordinates in [0, 1]; an empty string is the empty layout.
@@ -39,8 +43,11 @@ def build_parser():
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--sampler", default="ddim", choices=sorted(samplers.SAMPLERS))
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (ddim/plms)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (all but ddpm)")
     parser.add_argument("--eta", type=float, default=None)
+    parser.add_argument("--karras", action="store_true",
+                        help="dpmpp_2m: Karras noise levels "
+                             "(--config.sampling.karras_sigmas=true)")
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="classifier-free guidance scale (default: the run's config)")
     parser.add_argument("--labels", default="",
@@ -69,7 +76,14 @@ def build_parser():
 
 def command(args, overrides) -> None:
     runner.initialize_distributed(args)  # before anything touches a device (multi-host)
-    from ldm_jax.inference.sampling import read_prompts, sample_to_folder
+    from ldm_jax.inference.sampling import SamplingError, read_prompts, sample_to_folder
+    if args.karras:
+        import inspect
+        from ldm_jax.diffusion import samplers
+        if "karras_sigmas" not in inspect.signature(samplers.get_sampler(args.sampler)).parameters:
+            raise SamplingError(f"--karras: the {args.sampler} sampler has no Karras sigmas "
+                                "(use --sampler=dpmpp_2m).")
+        overrides = list(overrides) + ["sampling.karras_sigmas=true"]
     sample_to_folder(args.workdir, args.out, num=args.num, sampler_name=args.sampler,
                      steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
                      labels=args.labels, prompts=read_prompts(args.prompt, args.prompts_file),

@@ -353,7 +353,9 @@ class LayoutCondition(_TokenCondition):
         self._empty = (np.zeros((0,), np.int64), np.zeros((0, 4), np.float32))
         self.module = LDMBert(vocab_size=self.tokenizer.vocab_size, max_length=cfg.max_length,
                               width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                              dim_head=cfg.dim_head)
+                              dim_head=cfg.dim_head, coord_offset=self.tokenizer.coord_offset,
+                              coord_grid=self.tokenizer.grid,
+                              coord_frequencies=cfg.get("layout_coord_frequencies", 0))
         self.context_dim = int(cfg.width)
 
     def identity(self) -> dict:

@@ -210,6 +210,13 @@ class LDMBert(nn.Module):
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
+    # Layout tokens only (ldm_jax.conditioning.layout): with coord_frequencies F > 0, a token
+    # that names a corner cell (ids coord_offset .. coord_offset + coord_grid**2 - 1) also gets
+    # a learned projection (`coord_emb`) of F-frequency Fourier features of its (x, y), so that
+    # nearby cells start out alike instead of as unrelated ids. Not in the reference BERTEmbedder.
+    coord_offset: int = 0
+    coord_grid: int = 0
+    coord_frequencies: int = 0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -218,6 +225,17 @@ class LDMBert(nn.Module):
         check_sequence_length(tokens, self.max_length, "LDMBert")
         x = nn.Embed(self.vocab_size, self.width, embedding_init=embedding_init,
                      param_dtype=jnp.float32, name="token_emb")(tokens)
+        if self.coord_frequencies:
+            from ldm_jax.models.attention import fourier_features
+            cell = tokens - self.coord_offset
+            is_corner = (cell >= 0) & (cell < self.coord_grid * self.coord_grid)
+            cell = jnp.clip(cell, 0, self.coord_grid * self.coord_grid - 1)
+            scale = 1.0 / (self.coord_grid - 1)
+            xy = jnp.stack([(cell % self.coord_grid) * scale, (cell // self.coord_grid) * scale],
+                           axis=-1).astype(jnp.float32)
+            coord = nn.Dense(self.width, param_dtype=jnp.float32, name="coord_emb")(
+                fourier_features(xy, self.coord_frequencies))
+            x = x + jnp.where(is_corner[..., None], coord, 0.0)
         positions = nn.Embed(self.max_length, self.width, embedding_init=embedding_init,
                              param_dtype=jnp.float32, name="pos_emb")(
                                  jnp.arange(tokens.shape[1]))
@@ -313,6 +331,11 @@ def _from_layout(sd: Mapping[str, np.ndarray], layout: str, heads: int):
 def _to_layout(params: Mapping, fields: Mapping[str, int], layout: str,
                to_logits: Optional[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, np.ndarray]:
     fields = _check_fields(fields)
+    if "coord_emb" in params:
+        raise ConversionError("this layout encoder was trained with "
+                              "conditioning.layout_coord_frequencies > 0: its corner-coordinate "
+                              "features (`coord_emb`) have no counterpart in the CompVis / "
+                              "diffusers BERT, so it cannot be exported to them.")
     sd = from_flax(params, _leaves(fields["depth"]), layout, f"LDM-BERT ({layout})")
     v, w = fields["vocab_size"], fields["width"]
     if to_logits is None:

@@ -139,6 +139,10 @@ def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
     m.n_embed = n_embed
     m.beta = 0.25
     m.legacy_beta = False  # True: taming's legacy placement of beta (on the codebook term).
+    # Rematerialisation of every encoder/decoder ResnetBlock and AttnBlock: 'nothing' | 'dots' |
+    # 'full', as config.model.remat of stage 2 (ldm_jax/models/remat.py). Not part of the
+    # first stage's identity (same parameters, same outputs).
+    m.remat = "nothing"
 
     o = c.optimizer = ml_collections.ConfigDict()
     o.name = "adam"
@@ -266,6 +270,15 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     # derived from the data when conditioning.kind='class'.
     m.num_classes = 0
     m.attention_impl = ml_collections.config_dict.placeholder(str)  # None | 'xla' | 'cudnn'.
+    # > 0: every SpatialTransformer adds a learned projection of F-frequency Fourier features of
+    # each position (fractions of the map) before its blocks, so cross-attention queries know
+    # where they are (layouts). Not in the reference models: 0 for anything converted.
+    m.transformer_position_frequencies = 0
+    # Rematerialisation (activation checkpointing) of every ResBlock and attention block:
+    # 'nothing' (store all activations), 'dots' (store conv/matmul outputs, recompute the rest)
+    # or 'full' (recompute each block in the backward pass). Same parameters and gradients;
+    # trades step time for activation memory (bench/memory.py). See ldm_jax/models/remat.py.
+    m.remat = "nothing"
 
     d = c.diffusion = ml_collections.ConfigDict()
     d.timesteps = 1000
@@ -314,6 +327,9 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     # from the data's box_labels feature).
     cond.layout_grid = 32
     cond.num_layout_classes = 0
+    # kind='layout': > 0 adds Fourier features (this many frequencies) of each corner token's
+    # (x, y) to its embedding (ldm_bert.LDMBert.coord_emb); 0 = the reference tokens only.
+    cond.layout_coord_frequencies = 0
     # kind='class_crossattn': class count including the null class (0 = from the data, K + 1).
     cond.num_embed_classes = 0
     # Image conditions (kind='concat', or 'hybrid' = concat + a cross-attention context of
@@ -350,7 +366,12 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     s = c.sampling = ml_collections.ConfigDict()  # periodic grids during training
     s.sampler = "ddim"
     s.num_steps = 50
-    s.eta = 0.0
+    # dpmpp_2m only: Karras et al. noise levels (diffusers use_karras_sigmas=True); the other
+    # samplers ignore it.
+    s.karras_sigmas = False
+    # None = the sampler's own default: 0 (deterministic) for ddim/plms/dpmpp_2m, 1 (the
+    # standard ancestral noise) for euler_a.
+    s.eta = ml_collections.config_dict.placeholder(float)
     s.guidance_scale = 1.0
 
     o = c.optimizer = ml_collections.ConfigDict()

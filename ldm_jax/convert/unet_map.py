@@ -67,6 +67,11 @@ def _attention(out: List[Leaf], m: Mapping, p: str, cv: str, df: str, ch: int) -
 
 def unet_leaves(m: Mapping) -> List[Leaf]:
     """Every module of the UNet built from ``m`` (config.model fields), in build order."""
+    if m.get("transformer_position_frequencies", 0):
+        raise ConversionError(
+            f"model.transformer_position_frequencies={m['transformer_position_frequencies']}: "
+            "the SpatialTransformers' position features (`pos_proj`) have no counterpart in "
+            "CompVis or diffusers UNets, so this model cannot be converted to or from them.")
     mc, mult, nrb = m["model_channels"], tuple(m["channel_mult"]), m["num_res_blocks"]
     attn_res = tuple(m["attention_resolutions"])
     updown = m["resblock_updown"]

@@ -1,5 +1,8 @@
 """Reverse-process samplers: DDPM (ancestral), DDIM and PLMS, plus classifier-free guidance.
 
+DPM-Solver++ (2M) and Euler ancestral, in diffusers' sigma parameterisation, live in
+solvers.py; they are registered here too (this module imports it at its end).
+
 Every sampler is a *factory* registered under a name; the factory takes the schedule and the
 sampler settings and returns a pure function
 
@@ -29,67 +32,11 @@ import jax.numpy as jnp
 from ldm_jax.diffusion.schedules import (DiffusionSchedule, alphas_cumprod_f64,
                                          model_output_to_eps_x0, q_posterior_mean_variance)
 
-SAMPLERS: dict[str, Callable[..., Callable]] = {}
-
-
-def register_sampler(name: str):
-    """Decorator registering a sampler factory under ``name`` (duplicate names are an error)."""
-    def deco(factory):
-        if name in SAMPLERS:
-            raise ValueError(f"sampler {name!r} is already registered")
-        SAMPLERS[name] = factory
-        return factory
-    return deco
-
-
-def get_sampler(name: str) -> Callable[..., Callable]:
-    """Return the sampler factory registered as ``name``."""
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}") from None
-
-
-def _check_parameterization(p: str) -> None:
-    if p not in ("eps", "x0", "v"):
-        raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {p!r}")
-
-
-def _is_key_batch(rng, shape) -> bool:
-    """True for a batch of typed keys, one per example; checks its length."""
-    if not (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1):
-        return False
-    if rng.shape[0] != shape[0]:
-        raise ValueError(f"a batch of {rng.shape[0]} keys was given for {shape[0]} examples; "
-                         f"pass one key, or one key per example")
-    return True
-
-
-def _split(rng, shape):
-    if _is_key_batch(rng, shape):
-        keys = jax.vmap(jax.random.split)(rng)
-        return keys[:, 0], keys[:, 1]
-    return tuple(jax.random.split(rng))
-
-
-def _fold_in(rng, i, shape):
-    if _is_key_batch(rng, shape):
-        return jax.vmap(lambda k: jax.random.fold_in(k, i))(rng)
-    return jax.random.fold_in(rng, i)
-
-
-def _normal(rng, shape):
-    if _is_key_batch(rng, shape):
-        return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(rng)
-    return jax.random.normal(rng, shape, jnp.float32)
-
-
-def _initial_noise(rng, shape, x_T):
-    if x_T is not None:
-        if tuple(x_T.shape) != tuple(shape):
-            raise ValueError(f"x_T shape {x_T.shape} != requested shape {tuple(shape)}")
-        return jnp.asarray(x_T, jnp.float32)
-    return _normal(rng, shape)
+# The registry and the rng helpers live in sampler_registry.py, shared with solvers.py (which
+# this module imports at its end, so that importing this module registers every sampler).
+from ldm_jax.diffusion.sampler_registry import (  # noqa: E402,F401  (re-exported)
+    SAMPLERS, _check_parameterization, _fold_in, _initial_noise, _is_key_batch, _normal, _split,
+    get_sampler, register_sampler)
 
 
 @register_sampler("ddpm")
@@ -281,3 +228,8 @@ def guided_model_fn(apply: Callable[[jax.Array, jax.Array, Any], jax.Array], con
         return out_u + scale * (out_c - out_u)
 
     return model_fn
+
+
+# The fast samplers (DPM-Solver++ 2M, Euler ancestral) live in solvers.py, which imports the
+# helpers above; importing it here registers them whenever `samplers` is imported.
+from ldm_jax.diffusion import solvers as _solvers  # noqa: E402,F401  (after the definitions)

@@ -274,7 +274,7 @@ def _is_splits(n: int) -> int:
 def evaluate_diffusion(workdir: str, args, extractor, mesh) -> tuple[dict, dict, dict, int, int]:
     """(metrics, sampler info, reference info, step, N) of a stage-2 run."""
     from ldm_jax.inference import sampling
-    from ldm_jax.tasks.diffusion import make_sampler
+    from ldm_jax.tasks.diffusion import make_sampler, resolved_eta
 
     config, task, params, step = sampling.load_params(workdir, step=args.step,
                                                       use_ema=not args.no_ema)
@@ -333,8 +333,9 @@ def evaluate_diffusion(workdir: str, args, extractor, mesh) -> tuple[dict, dict,
     sampler_info = {"name": args.sampler,
                     "steps": None if args.sampler == "ddpm" else (args.steps
                                                                   or config.sampling.num_steps),
-                    "eta": None if args.sampler == "ddpm" else (
-                        config.sampling.eta if args.eta is None else args.eta),
+                    "eta": resolved_eta(config, args.sampler, args.eta),
+                    "karras_sigmas": (bool(config.sampling.get("karras_sigmas", False))
+                                      if args.sampler == "dpmpp_2m" else None),
                     "guidance_scale": (float(guidance) if config.conditioning.kind != "none"
                                        else None),
                     "ema": not args.no_ema, "seed": args.seed, "batch_size": batch_size}

@@ -83,6 +83,26 @@ def group_norm(x: jax.Array, name: str, epsilon: float = 1e-5, num_groups: int =
     return y.astype(x.dtype)
 
 
+def fourier_position_features(height: int, width: int, num_frequencies: int) -> jax.Array:
+    """[height * width, 4 * num_frequencies]: sin and cos of 2^k * pi * (y, x), k < F, where
+    (y, x) are the cell centres as fractions of the map's height and width (row-major order).
+
+    Fractions rather than cell indices, so that a map sampled at twice the training size sees the
+    same features at the same relative place (layout boxes are fractions of the canvas too).
+    """
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+    yy, xx = jnp.meshgrid(ys, xs, indexing="ij")
+    return fourier_features(jnp.stack([yy.reshape(-1), xx.reshape(-1)], axis=-1), num_frequencies)
+
+
+def fourier_features(coords: jax.Array, num_frequencies: int) -> jax.Array:
+    """[..., D] coordinates in [0, 1] -> [..., 2 * D * F]: sin and cos of 2^k * pi * coord."""
+    freqs = jnp.pi * (2.0 ** jnp.arange(num_frequencies, dtype=jnp.float32))
+    angles = (coords[..., :, None] * freqs).reshape(*coords.shape[:-1], -1)
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
 def layer_norm(x: jax.Array, name: str, epsilon: float = 1e-5) -> jax.Array:
     """LayerNorm computed in float32 and cast back (eps as torch.nn.LayerNorm)."""
     y = nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -225,6 +245,7 @@ class SpatialTransformer(nn.Module):
     dropout: float = 0.0
     use_linear: bool = False
     attention_impl: Optional[str] = None
+    position_frequencies: int = 0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -244,6 +265,15 @@ class SpatialTransformer(nn.Module):
             h = nn.Conv(inner, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=torch_default_init, name="proj_in")(h)
             h = h.reshape(b, hgt * wid, inner)
+        if self.position_frequencies:
+            # Where each position sits on the map, so that a query can match a context token
+            # that names a place (a layout's box corners); convolutions alone carry position
+            # only through their zero padding. Not in the reference models (their checkpoints
+            # have no `pos_proj`; it is off by default).
+            pos = fourier_position_features(hgt, wid, self.position_frequencies)
+            h = h + nn.Dense(inner, dtype=self.dtype, param_dtype=jnp.float32,
+                             kernel_init=torch_default_init, name="pos_proj")(
+                                 pos.astype(self.dtype))[None]
         for i in range(self.depth):
             h = BasicTransformerBlock(inner, self.n_heads, self.d_head, self.dropout,
                                       self.attention_impl, self.dtype,

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.quantizer import VectorQuantizer
+from ldm_jax.models.remat import REMAT_POLICIES, remat_block
 
 Dtype = Any
 
@@ -204,6 +205,14 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     num_groups: int = 32
     attention: bool = True  # False: the reference's attn_type='none' (no attention blocks)
+    remat: str = "nothing"  # per-block rematerialisation (ldm_jax/models/remat.py)
+
+    def _resnet(self, *args, **kwargs):
+        # static_argnums count self as 0: `train` (2) is a Python flag.
+        return remat_block(ResnetBlock, self.remat, (2,))(*args, **kwargs)
+
+    def _attn(self, *args, **kwargs):
+        return remat_block(AttnBlock, self.remat)(*args, **kwargs)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -212,20 +221,20 @@ class Encoder(nn.Module):
         curr_res = self.resolution
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
-                h = ResnetBlock(self.ch * mult, self.dropout, self.num_groups, self.dtype,
-                                name=f"down_{i}_block_{j}")(h, train)
+                h = self._resnet(self.ch * mult, self.dropout, self.num_groups, self.dtype,
+                                 name=f"down_{i}_block_{j}")(h, train)
                 if self.attention and curr_res in self.attn_resolutions:
-                    h = AttnBlock(self.num_groups, self.dtype, name=f"down_{i}_attn_{j}")(h)
+                    h = self._attn(self.num_groups, self.dtype, name=f"down_{i}_attn_{j}")(h)
             if i != n_levels - 1:
                 h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
                 curr_res //= 2
         block_in = h.shape[-1]
-        h = ResnetBlock(block_in, self.dropout, self.num_groups, self.dtype,
-                        name="mid_block_1")(h, train)
+        h = self._resnet(block_in, self.dropout, self.num_groups, self.dtype,
+                         name="mid_block_1")(h, train)
         if self.attention:
-            h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
-        h = ResnetBlock(block_in, self.dropout, self.num_groups, self.dtype,
-                        name="mid_block_2")(h, train)
+            h = self._attn(self.num_groups, self.dtype, name="mid_attn_1")(h)
+        h = self._resnet(block_in, self.dropout, self.num_groups, self.dtype,
+                         name="mid_block_2")(h, train)
         h = _group_norm(h, self.num_groups, self.dtype, "norm_out")
         h = nn.swish(h)
         out_ch = 2 * self.z_channels if self.double_z else self.z_channels
@@ -251,6 +260,14 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
     num_groups: int = 32
     attention: bool = True  # False: the reference's attn_type='none' (no attention blocks)
+    remat: str = "nothing"  # per-block rematerialisation (ldm_jax/models/remat.py)
+
+    def _resnet(self, *args, **kwargs):
+        # static_argnums count self as 0: `train` (2) is a Python flag.
+        return remat_block(ResnetBlock, self.remat, (2,))(*args, **kwargs)
+
+    def _attn(self, *args, **kwargs):
+        return remat_block(AttnBlock, self.remat)(*args, **kwargs)
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False, return_features: bool = False):
@@ -260,19 +277,19 @@ class Decoder(nn.Module):
         block_in = self.ch * self.ch_mult[-1]
         curr_res = self.resolution // 2 ** (n_levels - 1)
         h = _conv(block_in, 3, self.dtype, "conv_in")(z.astype(self.dtype))
-        h = ResnetBlock(block_in, self.dropout, self.num_groups, self.dtype,
-                        name="mid_block_1")(h, train)
+        h = self._resnet(block_in, self.dropout, self.num_groups, self.dtype,
+                         name="mid_block_1")(h, train)
         if self.attention:
-            h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
-        h = ResnetBlock(block_in, self.dropout, self.num_groups, self.dtype,
-                        name="mid_block_2")(h, train)
+            h = self._attn(self.num_groups, self.dtype, name="mid_attn_1")(h)
+        h = self._resnet(block_in, self.dropout, self.num_groups, self.dtype,
+                         name="mid_block_2")(h, train)
         for i in reversed(range(n_levels)):
             block_out = self.ch * self.ch_mult[i]
             for j in range(self.num_res_blocks + 1):
-                h = ResnetBlock(block_out, self.dropout, self.num_groups, self.dtype,
-                                name=f"up_{i}_block_{j}")(h, train)
+                h = self._resnet(block_out, self.dropout, self.num_groups, self.dtype,
+                                 name=f"up_{i}_block_{j}")(h, train)
                 if self.attention and curr_res in self.attn_resolutions:
-                    h = AttnBlock(self.num_groups, self.dtype, name=f"up_{i}_attn_{j}")(h)
+                    h = self._attn(self.num_groups, self.dtype, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
                 curr_res *= 2
@@ -305,18 +322,19 @@ class _FirstStageBase(nn.Module):
     num_groups: int = 32
     attention: bool = True
     dtype: Dtype = jnp.float32
+    remat: str = "nothing"
 
     def _make_encoder(self, double_z: bool) -> Encoder:
         return Encoder(self.ch, tuple(self.ch_mult), self.num_res_blocks,
                        tuple(self.attn_resolutions), self.resolution, self.z_channels,
                        double_z=double_z, dropout=self.dropout, dtype=self.dtype,
-                       num_groups=self.num_groups, attention=self.attention)
+                       num_groups=self.num_groups, attention=self.attention, remat=self.remat)
 
     def _make_decoder(self) -> Decoder:
         return Decoder(self.ch, self.out_ch, tuple(self.ch_mult), self.num_res_blocks,
                        tuple(self.attn_resolutions), self.resolution, self.z_channels,
                        dropout=self.dropout, dtype=self.dtype, num_groups=self.num_groups,
-                       attention=self.attention)
+                       attention=self.attention, remat=self.remat)
 
     def _check_input(self, x: jax.Array) -> None:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
@@ -501,6 +519,13 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
     if attn_type not in ("vanilla", "none"):
         raise ValueError(f"model_cfg.attn_type must be 'vanilla' or 'none', got {attn_type!r}")
 
+    remat = _get(model_cfg, "remat", "nothing")  # configs written before the field: none
+    if remat not in REMAT_POLICIES:
+        from ldm_jax.config.loading import ConfigError  # a ValueError
+        raise ConfigError(f"config.model.remat={remat!r}: use one of {REMAT_POLICIES} ('nothing' "
+                          f"= store every activation, 'dots' = store conv/matmul outputs only, "
+                          f"'full' = recompute each block in the backward pass).")
+
     f = 2 ** (len(ch_mult) - 1)
     if resolution % f:
         raise ValueError(f"model_cfg.resolution={resolution} must be divisible by the "
@@ -526,6 +551,7 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
         num_groups=num_groups,
         attention=attn_type == "vanilla",
         dtype=jnp.dtype(dtype),
+        remat=remat,
     )
     if kind == "kl":
         return AutoencoderKL(**common)

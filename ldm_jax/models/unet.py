@@ -21,6 +21,7 @@ import flax.linen as nn
 
 from ldm_jax.models.attention import (SelfAttentionBlock, SpatialTransformer, group_norm,
                                       resolve_heads, torch_default_init, zeros_init)
+from ldm_jax.models.remat import check_remat, remat_block
 
 Dtype = Any
 
@@ -159,9 +160,14 @@ class UNetModel(nn.Module):
     num_classes: Optional[int] = None
     use_linear_in_transformer: bool = False
     attention_impl: Optional[str] = None
+    transformer_position_frequencies: int = 0
+    # Rematerialisation of every ResBlock and attention block: 'nothing' | 'dots' | 'full'
+    # (ldm_jax/models/remat.py). Parameter names do not depend on it.
+    remat: str = "nothing"
     dtype: Dtype = jnp.float32
 
     def _check_config(self, x, context, y):
+        check_remat(self.remat, "UNetModel.remat")
         if (self.num_heads == -1) == (self.num_head_channels == -1):
             raise ValueError("UNetModel: set exactly one of num_heads / num_head_channels (the "
                              f"other -1); got num_heads={self.num_heads}, "
@@ -192,16 +198,18 @@ class UNetModel(nn.Module):
     def _attention(self, ch: int, name: str):
         heads, dim_head = resolve_heads(ch, self.num_heads, self.num_head_channels)
         if self.use_spatial_transformer:
-            st = SpatialTransformer(heads, dim_head, self.transformer_depth, 0.0,
-                                    self.use_linear_in_transformer, self.attention_impl,
-                                    self.dtype, name=name)
+            # static_argnums count self as 0: `train` (3) is a Python flag.
+            st = remat_block(SpatialTransformer, self.remat, (3,))(
+                heads, dim_head, self.transformer_depth, 0.0, self.use_linear_in_transformer,
+                self.attention_impl, self.transformer_position_frequencies, self.dtype, name=name)
             return lambda h, context, train: st(h, context, train)
-        sa = SelfAttentionBlock(heads, -1, self.attention_impl, self.dtype, name=name)
+        sa = remat_block(SelfAttentionBlock, self.remat)(heads, -1, self.attention_impl,
+                                                         self.dtype, name=name)
         return lambda h, context, train: sa(h)
 
     def _resblock(self, out_ch: int, name: str, up: bool = False, down: bool = False):
-        return ResBlock(out_ch, self.dropout, self.use_scale_shift_norm, up, down, self.dtype,
-                        name=name)
+        return remat_block(ResBlock, self.remat, (3,))(
+            out_ch, self.dropout, self.use_scale_shift_norm, up, down, self.dtype, name=name)
 
     @nn.compact
     def __call__(self, x: jax.Array, timesteps: jax.Array, context: Optional[jax.Array] = None,

@@ -75,6 +75,8 @@ def params_hash(params) -> str:
 # older behaviour: left out of the hash at that value, so latents precomputed before a field
 # existed still match their first stage.
 _HASH_NEUTRAL = {"attn_type": "vanilla"}
+# Fields that change how the model is computed, never what it computes: always left out.
+_HASH_IGNORED = ("remat",)
 
 
 def model_config_hash(model_cfg) -> str:
@@ -82,6 +84,8 @@ def model_config_hash(model_cfg) -> str:
     for key, value in _HASH_NEUTRAL.items():
         if fields.get(key) == value:
             del fields[key]
+    for key in _HASH_IGNORED:
+        fields.pop(key, None)
     text = json.dumps(fields, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

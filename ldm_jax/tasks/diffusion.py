@@ -23,6 +23,7 @@ from ldm_jax.diffusion import ema as ema_lib
 from ldm_jax.diffusion import losses as diffusion_losses
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.schedules import DiffusionSchedule
+from ldm_jax.models.remat import REMAT_POLICIES
 from ldm_jax.models.unet import UNetModel
 from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
                                  global_norm, make_optimizer)
@@ -30,6 +31,11 @@ from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradient
 
 def make_unet(model_cfg, dtype=jnp.float32) -> UNetModel:
     """UNetModel from `config.model` (0 means 'unset' for context_dim and num_classes)."""
+    remat = model_cfg.get("remat", "nothing")  # configs written before the field: no remat
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"config.model.remat={remat!r}: use one of {REMAT_POLICIES} "
+                          f"('nothing' = store every activation, 'dots' = store conv/matmul "
+                          f"outputs only, 'full' = recompute each block in the backward pass).")
     return UNetModel(
         in_channels=model_cfg.in_channels, out_channels=model_cfg.out_channels,
         model_channels=model_cfg.model_channels, num_res_blocks=model_cfg.num_res_blocks,
@@ -41,12 +47,27 @@ def make_unet(model_cfg, dtype=jnp.float32) -> UNetModel:
         transformer_depth=model_cfg.transformer_depth, context_dim=model_cfg.context_dim or None,
         use_linear_in_transformer=model_cfg.use_linear_in_transformer,
         num_classes=model_cfg.num_classes or None, attention_impl=model_cfg.attention_impl,
-        dtype=dtype)
+        transformer_position_frequencies=model_cfg.get("transformer_position_frequencies", 0),
+        remat=remat, dtype=dtype)
 
 
 def make_schedule(diffusion_cfg) -> DiffusionSchedule:
     return DiffusionSchedule.from_config(diffusion_cfg.beta_schedule, diffusion_cfg.timesteps,
                                          diffusion_cfg.linear_start, diffusion_cfg.linear_end)
+
+
+def resolved_eta(config, name: str, eta=None):
+    """The eta a sampler runs with: the given one, else config.sampling.eta, else (None) the
+    sampler's own default (0 for ddim/plms/dpmpp_2m, 1 for euler_a); None for ddpm."""
+    if name == "ddpm":
+        return None
+    if eta is None:
+        eta = config.sampling.get("eta", None)
+    if eta is None:
+        import inspect
+        default = inspect.signature(samplers.get_sampler(name)).parameters.get("eta")
+        eta = None if default is None else default.default
+    return None if eta is None else float(eta)
 
 
 def make_sampler(config, schedule, *, name=None, num_steps=None, eta=None):
@@ -56,7 +77,13 @@ def make_sampler(config, schedule, *, name=None, num_steps=None, eta=None):
     kwargs = {"parameterization": config.diffusion.parameterization}
     if name != "ddpm":
         kwargs["num_steps"] = num_steps or config.sampling.num_steps
-        kwargs["eta"] = config.sampling.eta if eta is None else eta
+        eta = resolved_eta(config, name, eta)
+        if eta is not None:
+            kwargs["eta"] = eta
+    # sampling.karras_sigmas goes only to the samplers that have the option (dpmpp_2m).
+    import inspect
+    if "karras_sigmas" in inspect.signature(factory).parameters:
+        kwargs["karras_sigmas"] = bool(config.sampling.get("karras_sigmas", False))
     return factory(schedule, **kwargs)
 
 

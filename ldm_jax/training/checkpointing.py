@@ -23,6 +23,22 @@ from ldm_jax.storage import run_dir
 
 # Config fields that change the meaning of the saved parameters: a resumed run must match them.
 _MODEL_DEFINING_FIELDS = ("stage", "model")
+# Keys of those fields that change how the step computes, not what the parameters mean: left out
+# of the comparison (a run may resume with another rematerialisation policy; a checkpoint from
+# before the key existed still resumes).
+_NON_DEFINING_KEYS = {"model": ("remat",)}
+# Keys added after checkpoints were written, at the value that builds the old model: a key at
+# this value counts as absent, so those checkpoints still resume (and a config that sets the
+# key to anything else is refused as a different model).
+_ADDED_KEY_DEFAULTS = {"model": {"transformer_position_frequencies": 0}}
+
+
+def _defining(field: str, value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    added = _ADDED_KEY_DEFAULTS.get(field, {})
+    return {k: v for k, v in value.items() if k not in _NON_DEFINING_KEYS.get(field, ())
+            and not (k in added and v == added[k])}
 
 
 def _describe_difference(name: str, saved: Any, now: Any) -> str:
@@ -94,7 +110,8 @@ class Checkpointer:
         saved = meta.get("config", {})
         current = json.loads(json.dumps(config_json))  # tuples -> lists, as saved.
         for field in _MODEL_DEFINING_FIELDS:
-            if field in saved and saved[field] != current.get(field):
+            if field in saved and (_defining(field, saved[field])
+                                   != _defining(field, current.get(field))):
                 raise CheckpointError(
                     f"checkpoint {self.directory}/{step} was written with a different "
                     f"config.{field} than this run ({_describe_difference(field, saved[field], current.get(field))}). "

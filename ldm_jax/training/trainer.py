@@ -156,6 +156,15 @@ class _Steps:
     constants: Any
 
 
+def _remat_compiler_options(config) -> dict | None:
+    """XLA options that keep model.remat's recomputation on this backend (XLA:CPU otherwise
+    folds it back into the forward pass; see ldm_jax/models/remat.py); None without remat."""
+    from ldm_jax.models.remat import compiler_options
+    if config.model.get("remat", "nothing") == "nothing":
+        return None
+    return compiler_options() or None
+
+
 def _compile(setup: _Setup, start_step: int) -> _Steps:
     """Compiles the train step the run starts in before the loop (state donated); a stage with
     several variants (the first stage's 'rec' and 'gan') compiles each other one once, when the
@@ -177,7 +186,8 @@ def _compile(setup: _Setup, start_step: int) -> _Steps:
                               in_shardings=(setup.state_shardings, batch_shardings, constants_shardings),
                               out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
             compiled[phase] = step_fn.lower(setup.abstract_state, setup.abstract_batch,
-                                            abstract_constants).compile()
+                                            abstract_constants).compile(
+                                                _remat_compiler_options(config))
             print(f"Compiled train step '{phase}' in {time.perf_counter() - t0:.1f}s on mesh "
                   f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} "
                   f"process(es)).", flush=True)

@@ -1,0 +1,393 @@
+"""Shared helpers of the bench/ scripts (not a test; pytest only collects tests/).
+
+What lives here, so that every script times, reports and records the same way:
+  add_common_args      --steps/--warmup/--peak_gflops/--torch_threads/--omp_wait_policy/
+                       --torch_ftz/--json/--skip_torch/--conv_impl
+  timed_steps          warm-up then timed calls of a step (per-call seconds)
+  summarize            median/min ms and items/s of a list of step times
+  flops_of             FLOPs of a compiled XLA executable (cost_analysis)
+  aot_compile          jax.jit(...).lower(...).compile() with the time it took
+  count_params         parameters in a pytree / a torch module
+  machine_info         CPU model, nproc, load average, versions, XLA_FLAGS (printed + JSON)
+  print_table          a markdown table from rows of dicts
+  write_json           JSON (NaN/inf become null) under --json PATH
+  import_torch         torch with OMP_WAIT_POLICY set before import, FTZ, threads
+  apply_conv_impl      config.model.conv_impl = --conv_impl when that key exists
+
+Timing: JAX calls are waited on with jax.block_until_ready on the whole output; torch on CPU is
+synchronous. Step time = median of --steps timed calls after --warmup untimed calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+# ------------------------------------------------------------------------------ arguments
+def add_common_args(p, *, steps: int = 5, warmup: int = 2, torch: bool = True) -> None:
+    p.add_argument("--steps", type=int, default=steps, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps after compile")
+    p.add_argument("--peak_gflops", type=float, default=68.0,
+                   help="machine peak GFLOP/s for the MFU columns (see bench/README.md: 68 is "
+                        "below this CPU's real peak; ~330 = 2 cores x AVX-512 FMA x 2.6 GHz)")
+    p.add_argument("--json", type=str, default="", help="write the results as JSON to PATH")
+    p.add_argument("--conv_impl", type=str, default="",
+                   help="set config.model.conv_impl (only if the config has that key; "
+                        "skipped with a note otherwise)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="ldm_jax compute dtype (params stay float32); torch always float32")
+    if torch:
+        p.add_argument("--skip_torch", action="store_true")
+        p.add_argument("--torch_threads", type=str,
+                       default=",".join(sorted({"1", str(os.cpu_count())}, key=int)),
+                       help="comma list of torch intra-op thread counts, one row each")
+        p.add_argument("--omp_wait_policy", choices=("default", "passive", "active"),
+                       default="default",
+                       help="OMP_WAIT_POLICY for torch's OpenMP pool (set before torch is "
+                            "imported); 'passive' avoids spin-wait stalls on a loaded machine")
+        p.add_argument("--torch_ftz", choices=("on", "off"), default="on",
+                       help="torch.set_flush_denormal; XLA:CPU flushes denormals, torch does not")
+
+
+def thread_list(a) -> list[int]:
+    return [int(t) for t in str(a.torch_threads).split(",") if t.strip()]
+
+
+# ------------------------------------------------------------------------------ timing
+def timed_steps(step: Callable[[], Any], n_warm: int, n_timed: int):
+    """Runs step() n_warm + n_timed times; returns (warm-up seconds, per-step seconds)."""
+    t0 = time.perf_counter()
+    for _ in range(n_warm):
+        step()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(n_timed):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return warm, times
+
+
+def summarize(times: Sequence[float], items_per_call: float) -> dict:
+    """{'ms': median ms, 'min_ms', 'max_ms', 'items_s': items per second at the median}."""
+    if not times:
+        return {"ms": float("nan"), "min_ms": float("nan"), "max_ms": float("nan"),
+                "items_s": float("nan")}
+    med = statistics.median(times)
+    return {"ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+            "items_s": items_per_call / med if med > 0 else float("nan")}
+
+
+def jax_runner(compiled, state_box: dict, args: tuple, *, donate_state: bool = True):
+    """A zero-argument step for timed_steps: calls compiled(state, *args), waits, keeps the
+    new state (outputs (state, metrics)) when the state is donated."""
+    import jax
+
+    def run():
+        out = compiled(state_box["s"], *args)
+        jax.block_until_ready(out)
+        if donate_state:
+            state_box["s"] = out[0]
+        return out
+    return run
+
+
+def flops_of(compiled) -> float:
+    """FLOPs per call from XLA's cost analysis (nan when the backend gives none)."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # pragma: no cover - backend without cost analysis
+        return float("nan")
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return float((ca or {}).get("flops", float("nan")))
+
+
+def aot_compile(fn, args: tuple, *, donate_argnums=(), static_argnums=()):
+    """(compiled, lower seconds, compile seconds) of jax.jit(fn) on example args."""
+    import jax
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn, donate_argnums=donate_argnums,
+                      static_argnums=static_argnums).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def count_params(tree) -> int:
+    """Parameters of a JAX pytree or a torch.nn.Module."""
+    if hasattr(tree, "parameters") and callable(tree.parameters):
+        return int(sum(p.numel() for p in tree.parameters()))
+    import jax
+    return int(sum(int(np.prod(np.shape(p))) for p in jax.tree_util.tree_leaves(tree)))
+
+
+def mfu(flops: float, seconds: float, peak_gflops: float) -> float:
+    if not (seconds and seconds > 0 and flops == flops and peak_gflops > 0):
+        return float("nan")
+    return flops / seconds / 1e9 / peak_gflops
+
+
+# ------------------------------------------------------------------------------ machine
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(load_before=None, *, with_torch: bool = False) -> dict:
+    """Machine/version facts for the header and the JSON (load average before/after)."""
+    import jax
+    info = {"cpu": _cpu_model(), "machine": platform.machine(), "nproc": os.cpu_count(),
+            "load_before": list(load_before) if load_before else None,
+            "load_after": list(os.getloadavg()), "python": platform.python_version(),
+            "jax": jax.__version__, "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()],
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if with_torch and "torch" in sys.modules:
+        import torch
+        info["torch"] = torch.__version__
+        info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "unset")
+        try:
+            import diffusers
+            info["diffusers"] = diffusers.__version__
+        except Exception:  # pragma: no cover
+            pass
+    return info
+
+
+def print_machine(info: dict) -> None:
+    lb = info.get("load_before")
+    print(f"machine: {info['cpu']} ({info['machine']}), nproc {info['nproc']}, load avg before "
+          + (" ".join(f"{v:.2f}" for v in lb) if lb else "?") + ", after "
+          + " ".join(f"{v:.2f}" for v in info["load_after"]))
+    vers = f"jax {info['jax']} ({info['jax_backend']})"
+    if "torch" in info:
+        vers += (f", torch {info['torch']} (OMP_WAIT_POLICY={info['OMP_WAIT_POLICY']}), "
+                 f"diffusers {info.get('diffusers', '?')}")
+    print(f"versions: {vers}, XLA_FLAGS={info['XLA_FLAGS']!r}")
+
+
+# ------------------------------------------------------------------------------ output
+def _fmt(v, spec: str = "") -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        return format(v, spec or ".3g")
+    if isinstance(v, int) and not isinstance(v, bool):
+        return format(v, spec or ",")
+    return str(v)
+
+
+def print_table(columns: Sequence[tuple], rows: Iterable[dict]) -> None:
+    """columns: (key, header[, format spec]); numbers right-aligned, text left-aligned."""
+    rows = list(rows)
+    cells = [[_fmt(r.get(c[0]), c[2] if len(c) > 2 else "") for c in columns] for r in rows]
+    heads = [c[1] for c in columns]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
+    numeric = [all(isinstance(r.get(c[0]), (int, float)) or r.get(c[0]) is None for r in rows)
+               for c in columns]
+    line = lambda vals: "| " + " | ".join(
+        v.rjust(w) if n else v.ljust(w) for v, w, n in zip(vals, widths, numeric)) + " |"
+    print(line(heads))
+    print("|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2))
+                         for w, n in zip(widths, numeric)) + "|")
+    for row in cells:
+        print(line(row))
+
+
+def _clean(obj):
+    if isinstance(obj, float):
+        return None if (math.isnan(obj) or math.isinf(obj)) else obj
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _clean(obj.item())
+    return obj
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Writes payload (NaN/inf -> null) to path when path is non-empty; validates by reloading."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_clean(payload), f, indent=2, allow_nan=False)
+    with open(path, encoding="utf-8") as f:
+        json.load(f)
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------ torch
+def import_torch(a):
+    """torch, with OMP_WAIT_POLICY set before the first import (it is read once) and denormal
+    flushing per --torch_ftz. Threads are set per row with torch.set_num_threads."""
+    if getattr(a, "omp_wait_policy", "default") != "default":
+        if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY") != a.omp_wait_policy.upper():
+            print("warning: torch was imported before OMP_WAIT_POLICY could be set")
+        os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy.upper()
+    import torch
+    torch.set_flush_denormal(getattr(a, "torch_ftz", "on") == "on")
+    return torch
+
+
+def torch_compile(module, torch):
+    """(compiled module, None) or (None, one-line reason) when torch.compile is unavailable.
+    The compile itself happens lazily on the first call: callers must catch failures there too
+    (use first_call_or_reason)."""
+    try:
+        return torch.compile(module), None
+    except Exception as e:  # noqa: BLE001
+        return None, short_reason(e)
+
+
+def short_reason(e: BaseException, limit: int = 160) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ").strip()
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------ config
+def apply_conv_impl(config, conv_impl: str) -> str:
+    """config.model.conv_impl = conv_impl when the key exists; returns what was applied
+    ('' = nothing asked, 'n/a (...)' = the config has no such key)."""
+    if not conv_impl:
+        current = config.model.get("conv_impl") if "conv_impl" in config.model else None
+        return f"default ({current})" if current is not None else "default"
+    if "conv_impl" not in config.model:
+        print(f"note: --conv_impl={conv_impl} ignored: this config has no model.conv_impl key")
+        return f"n/a (no model.conv_impl key; asked {conv_impl})"
+    with config.unlocked() if hasattr(config, "unlocked") else _null():
+        config.model.conv_impl = conv_impl
+    return conv_impl
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def set_field(config, dotted: str, value) -> None:
+    """config.a.b = value for an existing key (ml_collections keeps types: tuples as tuples)."""
+    *groups, name = dotted.split(".")
+    node = config
+    for g in groups:
+        node = node[g]
+    node[name] = value
+
+
+# ------------------------------------------------------------------------------ ldm_jax builders
+def diffusion_config(spec: str, *, width: int | None, size: int, channels: int, batch: int,
+                     dtype: str = "float32", conv_impl: str = ""):
+    """A stage-2 config (default structure: configs/f4_celebahq.py) on synthetic latents
+    [size, size, channels]: the real DiffusionTask runs without any data or first stage.
+    Returns (config, conv_impl applied)."""
+    from ldm_jax.config import loading as config_lib
+    config = config_lib.load_config(spec if os.path.isabs(spec.partition(":")[0])
+                                    else os.path.join(REPO, spec))
+    if width:
+        set_field(config, "model.model_channels", int(width))
+    set_field(config, "data.source", "synthetic_latents")
+    set_field(config, "data.latent_shape", (int(size), int(size), int(channels)))
+    set_field(config, "data.latents_dir", "")
+    set_field(config, "model.in_channels", 0)
+    set_field(config, "model.out_channels", 0)
+    set_field(config, "batch_size", int(batch))
+    set_field(config, "dtype", dtype)
+    set_field(config, "compilation_cache_dir", "")
+    applied = apply_conv_impl(config, conv_impl)
+    return config, applied
+
+
+def diffusion_task(config):
+    """DiffusionTask + fresh TrainState (jit-initialised) + a synthetic batch + constants."""
+    import jax
+    from ldm_jax.tasks.diffusion import DiffusionTask
+    task = DiffusionTask(config)
+    state = jax.jit(task.init_state)(jax.random.key(config.seed))
+    shape = (config.batch_size,) + tuple(task.latents.latent_shape)
+    batch = {task.input_key: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    return task, state, batch, task.constants()
+
+
+def autoencoder_config(spec: str, *, ch: int | None, size: int, batch: int,
+                       dtype: str = "float32", conv_impl: str = "", lpips_weights: str = "",
+                       disc_start: int | None = 0):
+    """A first-stage config (default structure: configs/autoencoder_kl_f4.py) at image size
+    `size`; lpips_weights='' turns the perceptual term off. Returns (config, conv_impl)."""
+    from ldm_jax.config import loading as config_lib
+    config = config_lib.load_config(spec if os.path.isabs(spec.partition(":")[0])
+                                    else os.path.join(REPO, spec))
+    if ch:
+        set_field(config, "model.ch", int(ch))
+    set_field(config, "data.image_size", int(size))
+    set_field(config, "model.resolution", None)
+    set_field(config, "batch_size", int(batch))
+    set_field(config, "dtype", dtype)
+    set_field(config, "compilation_cache_dir", "")
+    set_field(config, "loss.lpips_weights", lpips_weights)
+    set_field(config, "loss.perceptual_weight", 1.0 if lpips_weights else 0.0)
+    if disc_start is not None:
+        set_field(config, "loss.disc_start", int(disc_start))
+    applied = apply_conv_impl(config, conv_impl)
+    return config, applied
+
+
+def random_lpips_weights(directory: str) -> str:
+    """An LPIPS weight file with random VGG weights (no download), as
+    tests/test_train_autoencoder.py makes one: lin heads kept non-negative."""
+    import jax
+    from ldm_jax.models import lpips
+    params = lpips.LPIPS().init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32),
+                                np.zeros((1, 16, 16, 3), np.float32))["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: np.abs(np.asarray(v)) if "lin" in str(p) else np.asarray(v), params)
+    path = os.path.join(directory, "lpips_random.npz")
+    lpips.save_lpips_params_npz(params, path)
+    return path
+
+
+def first_stage_model(spec: str, *, ch: int | None, size: int, dtype: str = "float32",
+                      conv_impl: str = ""):
+    """(model, params, f, latent channels) of the first stage of `spec` (random weights)."""
+    import jax
+    import jax.numpy as jnp
+    from ldm_jax.models import autoencoder as ae
+    config, _ = autoencoder_config(spec, ch=ch, size=size, batch=1, dtype=dtype,
+                                   conv_impl=conv_impl)
+    set_field(config, "model.resolution", int(size))
+    model = ae.make_first_stage(config.model, jnp.dtype(dtype))
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    params = jax.jit(model.init)({"params": jax.random.key(0), "sample": jax.random.key(1)},
+                                 x)["params"]
+    return model, params, ae.downsampling_factor(config.model), ae.latent_channels(config.model)
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (tables and JSON go to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
