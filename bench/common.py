@@ -12,7 +12,7 @@ What lives here, so that every script times, reports and records the same way:
   print_table          a markdown table from rows of dicts
   write_json           JSON (NaN/inf become null) under --json PATH
   import_torch         torch with OMP_WAIT_POLICY set before import, FTZ, threads
-  apply_conv_impl      config.model.conv_impl = --conv_impl when that key exists
+  apply_conv_impl      --conv_impl: patch bench/conv_formulations.Conv in for flax.linen.Conv
 
 Timing: JAX calls are waited on with jax.block_until_ready on the whole output; torch on CPU is
 synchronous. Step time = median of --steps timed calls after --warmup untimed calls.
@@ -45,8 +45,8 @@ def add_common_args(p, *, steps: int = 5, warmup: int = 2, torch: bool = True) -
                         "below this CPU's real peak; ~330 = 2 cores x AVX-512 FMA x 2.6 GHz)")
     p.add_argument("--json", type=str, default="", help="write the results as JSON to PATH")
     p.add_argument("--conv_impl", type=str, default="",
-                   help="set config.model.conv_impl (only if the config has that key; "
-                        "skipped with a note otherwise)")
+                   help="convolution formulation: xla (default, what the models use), im2col "
+                        "or shifted (bench/conv_formulations.py, patched in for this process)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="ldm_jax compute dtype (params stay float32); torch always float32")
     if torch:
@@ -271,16 +271,21 @@ def short_reason(e: BaseException, limit: int = 160) -> str:
 
 # ------------------------------------------------------------------------------ config
 def apply_conv_impl(config, conv_impl: str) -> str:
-    """config.model.conv_impl = conv_impl when the key exists; returns what was applied
-    ('' = nothing asked, 'n/a (...)' = the config has no such key)."""
-    if not conv_impl:
-        current = config.model.get("conv_impl") if "conv_impl" in config.model else None
-        return f"default ({current})" if current is not None else "default"
-    if "conv_impl" not in config.model:
-        print(f"note: --conv_impl={conv_impl} ignored: this config has no model.conv_impl key")
-        return f"n/a (no model.conv_impl key; asked {conv_impl})"
-    with config.unlocked() if hasattr(config, "unlocked") else _null():
-        config.model.conv_impl = conv_impl
+    """Benchmark-only convolution formulation: '' / 'xla' leave the models' flax.linen.Conv
+    alone; 'im2col' / 'shifted' replace flax.linen.Conv in this process by
+    bench.conv_formulations.Conv(impl=...), which has the same parameter tree (the models keep
+    XLA's convolutions: neither GEMM form was faster here, see bench/README.md). Returns what
+    was applied. `config` is unused (kept so every script calls it the same way)."""
+    del config
+    if not conv_impl or conv_impl in ("default", "xla"):
+        return "xla"
+    import functools
+
+    import flax.linen as nn
+    from bench.conv_formulations import CONV_IMPLS, Conv
+    if conv_impl not in CONV_IMPLS:
+        raise SystemExit(f"--conv_impl={conv_impl!r}: use one of {CONV_IMPLS}")
+    nn.Conv = functools.partial(Conv, impl=conv_impl)
     return conv_impl
 
 

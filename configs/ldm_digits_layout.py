@@ -5,6 +5,11 @@ First stage: the digits KL-f4 autoencoder of the README pipeline (fully convolut
 64 px canvases give 16x16x3 latents). A layout is tokenised as the paper's layout2img does (per
 object: its digit, then its two corners on a 32x32 grid) and encoded by a small jointly trained
 BERT transformer (width 64, 2 layers); the UNet cross-attends to it at 8x8 and 4x4 and in the middle block.
+Both sides of that attention get Fourier features of where they are: the UNet's queries of
+their position on the map (model.transformer_position_frequencies) and the corner tokens of
+their cell (conditioning.layout_coord_frequencies). Without them the model placed digits in the
+boxes but drew the requested digit in only 10 % of them (chance); with them 96 % at guidance 2
+after 6000 steps (README).
 Condition dropout 0.1 (the empty layout is the null condition), guidance 2. v-prediction: about
 80 % of a canvas is background, whose constant latent the network reads even at t = T (the
 linear schedule keeps sqrt(abar_T) = 0.07 of the signal) and cannot read in pure noise; an
@@ -41,7 +46,8 @@ def get_config(arg=None):
     c.sampling.guidance_scale = 2.0
     config_defaults.digits_schedule(c, batch_size=32, eval_num_examples=128)
     # Twice the shared schedule: which digit goes into which box is still being learned at
-    # step 3000 (per-box accuracy 26 / 46 / 59 % at guidance 1 / 2 / 4 there).
+    # step 3000 (per-box accuracy 26 / 46 / 59 % at guidance 1 / 2 / 4 there, 81 / 96 / 99 %
+    # at 6000).
     c.total_steps = 6000
     c.eval_every_steps = c.image_every_steps = 3000
     if arg == "smoke":

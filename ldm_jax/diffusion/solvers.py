@@ -220,6 +220,7 @@ def make_euler_a_sampler(schedule: DiffusionSchedule, num_steps: int = 20, eta: 
         if noises is not None and tuple(noises.shape) != (num_steps,) + tuple(shape):
             raise ValueError(f"noises shape {tuple(noises.shape)} != "
                              f"{(num_steps,) + tuple(shape)} (num_steps, *shape)")
+        if noises is not None:
             noises = jnp.asarray(noises, jnp.float32)
         init_rng, loop_rng = _split(rng, shape)
         x = _initial_noise(init_rng, shape, x_T) * init_sigma
