@@ -130,9 +130,9 @@ def jax_side(a, config):
         t0 = time.perf_counter()
         got = sampling.generate(task, params, constants, num=B, batch_size=B, seed=seed,
                                 sampler=sampler, guidance_scale=1.0, mesh=mesh)
-        gen = {"generate_s": time.perf_counter() - t0,
+        gen.update({"generate_s": time.perf_counter() - t0,
                "generate_max_uint8_diff": int(np.max(np.abs(
-                   got.astype(np.int32) - _to_uint8(images).astype(np.int32))))}
+                   got.astype(np.int32) - _to_uint8(images).astype(np.int32))))})
         rows[0]["note"] += (f"; generate() {gen['generate_s']:.1f}s (compile+1 batch), "
                             f"uint8 diff {gen['generate_max_uint8_diff']}")
     return task, params, n_params, rows, flops, noise, z, gen
