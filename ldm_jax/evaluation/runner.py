@@ -334,11 +334,11 @@ def evaluate_diffusion(workdir: str, args, extractor, mesh) -> tuple[dict, dict,
                     "steps": None if args.sampler == "ddpm" else (args.steps
                                                                   or config.sampling.num_steps),
                     "eta": resolved_eta(config, args.sampler, args.eta),
-                    "karras_sigmas": (bool(config.sampling.get("karras_sigmas", False))
-                                      if args.sampler == "dpmpp_2m" else None),
                     "guidance_scale": (float(guidance) if config.conditioning.kind != "none"
                                        else None),
                     "ema": not args.no_ema, "seed": args.seed, "batch_size": batch_size}
+    if args.sampler == "dpmpp_2m":  # the one sampler with Karras noise levels
+        sampler_info["karras_sigmas"] = bool(config.sampling.get("karras_sigmas", False))
     reference = {"data": data_identity(data_cfg), "num_examples": n_ref,
                  "num_precision_recall": int(len(ref_features))}
     return metrics, sampler_info, reference, step, num
