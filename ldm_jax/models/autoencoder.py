@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.quantizer import VectorQuantizer
-from ldm_jax.models.remat import REMAT_POLICIES, remat_block
+from ldm_jax.models.remat import check_remat, remat_block
 
 Dtype = Any
 
@@ -186,7 +186,19 @@ class Upsample(nn.Module):
 # encoder / decoder
 # ------------------------------------------------------------------------------------------------
 
-class Encoder(nn.Module):
+class _RematBlocks:
+    """ResnetBlock / AttnBlock constructors wrapped by the module's `remat` policy (a mixin of
+    Encoder and Decoder, whose `remat` field it reads)."""
+
+    def _resnet(self, *args, **kwargs):
+        # static_argnums count self as 0: `train` (2) is a Python flag.
+        return remat_block(ResnetBlock, self.remat, (2,))(*args, **kwargs)
+
+    def _attn(self, *args, **kwargs):
+        return remat_block(AttnBlock, self.remat)(*args, **kwargs)
+
+
+class Encoder(_RematBlocks, nn.Module):
     """Convolutional encoder: image [B, H, W, C_in] -> features [B, H/f, W/f, (2*)z_channels].
 
     ``f = 2**(len(ch_mult)-1)``. Attention is inserted after each res block of a level whose
@@ -206,13 +218,6 @@ class Encoder(nn.Module):
     num_groups: int = 32
     attention: bool = True  # False: the reference's attn_type='none' (no attention blocks)
     remat: str = "nothing"  # per-block rematerialisation (ldm_jax/models/remat.py)
-
-    def _resnet(self, *args, **kwargs):
-        # static_argnums count self as 0: `train` (2) is a Python flag.
-        return remat_block(ResnetBlock, self.remat, (2,))(*args, **kwargs)
-
-    def _attn(self, *args, **kwargs):
-        return remat_block(AttnBlock, self.remat)(*args, **kwargs)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -241,7 +246,7 @@ class Encoder(nn.Module):
         return _conv(out_ch, 3, self.dtype, "conv_out")(h)
 
 
-class Decoder(nn.Module):
+class Decoder(_RematBlocks, nn.Module):
     """Convolutional decoder: latent [B, h, w, z_channels] -> image [B, h*f, w*f, out_ch] (f32).
 
     Levels run from the deepest (``up_{L-1}``) to the shallowest (``up_0``), each with
@@ -261,13 +266,6 @@ class Decoder(nn.Module):
     num_groups: int = 32
     attention: bool = True  # False: the reference's attn_type='none' (no attention blocks)
     remat: str = "nothing"  # per-block rematerialisation (ldm_jax/models/remat.py)
-
-    def _resnet(self, *args, **kwargs):
-        # static_argnums count self as 0: `train` (2) is a Python flag.
-        return remat_block(ResnetBlock, self.remat, (2,))(*args, **kwargs)
-
-    def _attn(self, *args, **kwargs):
-        return remat_block(AttnBlock, self.remat)(*args, **kwargs)
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False, return_features: bool = False):
@@ -519,12 +517,9 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
     if attn_type not in ("vanilla", "none"):
         raise ValueError(f"model_cfg.attn_type must be 'vanilla' or 'none', got {attn_type!r}")
 
-    remat = _get(model_cfg, "remat", "nothing")  # configs written before the field: none
-    if remat not in REMAT_POLICIES:
-        from ldm_jax.config.loading import ConfigError  # a ValueError
-        raise ConfigError(f"config.model.remat={remat!r}: use one of {REMAT_POLICIES} ('nothing' "
-                          f"= store every activation, 'dots' = store conv/matmul outputs only, "
-                          f"'full' = recompute each block in the backward pass).")
+    from ldm_jax.config.loading import ConfigError  # a ValueError
+    # Configs written before the field: no remat.
+    remat = check_remat(_get(model_cfg, "remat", "nothing"), "config.model.remat", ConfigError)
 
     f = 2 ** (len(ch_mult) - 1)
     if resolution % f:

@@ -39,10 +39,11 @@ def _save_convs_and_weight_matmuls(prim, *args, **params) -> bool:
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
 
 
-def check_remat(remat: str, owner: str = "remat") -> str:
-    """`remat` if it names a policy; ValueError naming the allowed values otherwise."""
+def check_remat(remat: str, owner: str = "remat", error: type = ValueError) -> str:
+    """`remat` if it names a policy; otherwise `error` (a ValueError subclass, e.g. the config
+    loader's ConfigError) naming `owner` and the allowed values."""
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"{owner}={remat!r}: use one of {REMAT_POLICIES} ('nothing' = store "
+        raise error(f"{owner}={remat!r}: use one of {REMAT_POLICIES} ('nothing' = store "
                          f"every activation, 'dots' = store conv/matmul outputs only, 'full' = "
                          f"recompute each block in the backward pass).")
     return remat

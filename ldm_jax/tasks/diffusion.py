@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from ldm_jax.diffusion import ema as ema_lib
 from ldm_jax.diffusion import losses as diffusion_losses
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.schedules import DiffusionSchedule
-from ldm_jax.models.remat import REMAT_POLICIES
+from ldm_jax.models.remat import check_remat
 from ldm_jax.models.unet import UNetModel
 from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
                                  global_norm, make_optimizer)
@@ -31,11 +32,8 @@ from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradient
 
 def make_unet(model_cfg, dtype=jnp.float32) -> UNetModel:
     """UNetModel from `config.model` (0 means 'unset' for context_dim and num_classes)."""
-    remat = model_cfg.get("remat", "nothing")  # configs written before the field: no remat
-    if remat not in REMAT_POLICIES:
-        raise ConfigError(f"config.model.remat={remat!r}: use one of {REMAT_POLICIES} "
-                          f"('nothing' = store every activation, 'dots' = store conv/matmul "
-                          f"outputs only, 'full' = recompute each block in the backward pass).")
+    # Configs written before the field: no remat.
+    remat = check_remat(model_cfg.get("remat", "nothing"), "config.model.remat", ConfigError)
     return UNetModel(
         in_channels=model_cfg.in_channels, out_channels=model_cfg.out_channels,
         model_channels=model_cfg.model_channels, num_res_blocks=model_cfg.num_res_blocks,
@@ -64,7 +62,6 @@ def resolved_eta(config, name: str, eta=None):
     if eta is None:
         eta = config.sampling.get("eta", None)
     if eta is None:
-        import inspect
         default = inspect.signature(samplers.get_sampler(name)).parameters.get("eta")
         eta = None if default is None else default.default
     return None if eta is None else float(eta)
@@ -81,7 +78,6 @@ def make_sampler(config, schedule, *, name=None, num_steps=None, eta=None):
         if eta is not None:
             kwargs["eta"] = eta
     # sampling.karras_sigmas goes only to the samplers that have the option (dpmpp_2m).
-    import inspect
     if "karras_sigmas" in inspect.signature(factory).parameters:
         kwargs["karras_sigmas"] = bool(config.sampling.get("karras_sigmas", False))
     return factory(schedule, **kwargs)
