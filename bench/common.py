@@ -20,6 +20,7 @@ synchronous. Step time = median of --steps timed calls after --warmup untimed ca
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -37,6 +38,18 @@ if REPO not in sys.path:
 
 
 # ------------------------------------------------------------------------------ arguments
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: the docstring's first line as description, the rest as epilog."""
+    return argparse.ArgumentParser(description=doc.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=doc.split("\n", 1)[1])
+
+
+def comma_list(text) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c'] (the scripts' comma-separated flags)."""
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
 def add_common_args(p, *, steps: int = 5, warmup: int = 2, torch: bool = True) -> None:
     p.add_argument("--steps", type=int, default=steps, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed steps after compile")
@@ -63,7 +76,14 @@ def add_common_args(p, *, steps: int = 5, warmup: int = 2, torch: bool = True) -
 
 
 def thread_list(a) -> list[int]:
-    return [int(t) for t in str(a.torch_threads).split(",") if t.strip()]
+    return [int(t) for t in comma_list(a.torch_threads)]
+
+
+def torch_variants(a):
+    """(threads, mode, row name) for every --torch_threads x --torch_modes row, in that order."""
+    for threads in thread_list(a):
+        for mode in comma_list(a.torch_modes):
+            yield threads, mode, f"torch {mode} {threads}T"
 
 
 # ------------------------------------------------------------------------------ timing

@@ -59,9 +59,7 @@ COLUMNS = [("case", "case"), ("what", "step"), ("cold_lower_s", "lower s (cold)"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = common.arg_parser(__doc__)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {sorted(CASES)}")
     p.add_argument("--min_compile_secs", type=float, default=0.0,
                    help="jax_persistent_cache_min_compile_time_secs (the trainer uses 1.0)")
@@ -166,7 +164,7 @@ def main(argv=None):
         return worker(a)
     load0 = os.getloadavg()
     rows, results = [], {}
-    for case in [c.strip() for c in a.cases.split(",") if c.strip()]:
+    for case in common.comma_list(a.cases):
         if case not in CASES:
             raise SystemExit(f"unknown case {case!r}; choose from {sorted(CASES)}")
         cache = a.keep_cache or tempfile.mkdtemp(prefix=f"ldm_jax_xla_cache_{case}_")

@@ -98,13 +98,19 @@ def _flat_grad_rows(g: jax.Array, ph: int, pw: int, length: int) -> jax.Array:
     return rows[lead:lead + length]
 
 
+def _flat_taps(x: jax.Array, w: jax.Array):
+    """x on the flattened padded grid for a stride-1 'same' conv with kernel `w`: (rows, valid
+    row count, the kh*kw tap offsets, (ph, pw))."""
+    kh, kw = w.shape[:2]
+    ph, pw = _same_pads(w.shape)
+    rows, wp = _flat_padded(x, ph, pw)
+    return rows, rows.shape[0] - 2 * (ph * wp + pw), _flat_offsets(kh, kw, wp), (ph, pw)
+
+
 def _im2col_same_fwd_impl(x: jax.Array, w: jax.Array) -> jax.Array:
     kh, kw, cin, cout = w.shape
-    ph, pw = _same_pads(w.shape)
     n, h, wd, _ = x.shape
-    rows, wp = _flat_padded(x, ph, pw)
-    length = rows.shape[0] - 2 * (ph * wp + pw)
-    offs = _flat_offsets(kh, kw, wp)
+    rows, length, offs, (ph, pw) = _flat_taps(x, w)
     patches = jnp.concatenate([rows[o:o + length] for o in offs], axis=-1)
     out = jnp.dot(patches, w.reshape(kh * kw * cin, cout))
     return _flat_unpad(out, (n, h, wd), ph, pw)
@@ -112,11 +118,8 @@ def _im2col_same_fwd_impl(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _shifted_same_fwd_impl(x: jax.Array, w: jax.Array) -> jax.Array:
     kh, kw, cin, cout = w.shape
-    ph, pw = _same_pads(w.shape)
     n, h, wd, _ = x.shape
-    rows, wp = _flat_padded(x, ph, pw)
-    length = rows.shape[0] - 2 * (ph * wp + pw)
-    offs = _flat_offsets(kh, kw, wp)
+    rows, length, offs, (ph, pw) = _flat_taps(x, w)
     # [Cin, taps * Cout]: column block k is tap k's [Cin, Cout] matrix.
     wcat = jnp.transpose(w.reshape(kh * kw, cin, cout), (1, 0, 2)).reshape(cin, kh * kw * cout)
     y = jnp.dot(rows, wcat)

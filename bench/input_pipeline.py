@@ -24,7 +24,6 @@ Usage: python bench/input_pipeline.py [--configs a.py,b.py:smoke] [--batches 50]
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -44,9 +43,7 @@ COLUMNS = [("config", "config"), ("source", "source"), ("batch", "batch"),
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = common.arg_parser(__doc__)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of config specs")
     p.add_argument("--batches", type=int, default=50, help="pipeline batches timed")
     p.add_argument("--batch", type=int, default=0, help="override batch_size (0 = config's)")
@@ -131,7 +128,7 @@ def main(argv=None):
     a = parse_args(argv)
     load0 = os.getloadavg()
     rows = []
-    for spec in [s.strip() for s in a.configs.split(",") if s.strip()]:
+    for spec in common.comma_list(a.configs):
         common.log(f"config {spec}")
         try:
             rows.append(bench_config(a, spec))

@@ -27,7 +27,6 @@ Usage: python bench/latent_vs_pixel.py [--width 64] [--size_px 256] [--batch N] 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -49,9 +48,7 @@ COLUMNS = [("setting", "setting"), ("shape", "UNet input"), ("params", "UNet par
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = common.arg_parser(__doc__)
     p.add_argument("--config", default="configs/f4_celebahq.py", help="stage-2 UNet structure")
     p.add_argument("--width", type=int, default=64, help="UNet model_channels (config: 224)")
     p.add_argument("--size_px", type=int, default=256, help="pixel resolution (divisible by 64)")
@@ -156,7 +153,7 @@ def main(argv=None):
     a = parse_args(argv)
     load0 = os.getloadavg()
     rows = []
-    for name in [s.strip() for s in a.settings.split(",") if s.strip()]:
+    for name in common.comma_list(a.settings):
         t0 = time.perf_counter()
         common.log(f"setting {name}")
         try:

@@ -28,7 +28,6 @@ Usage: python bench/sample.py [--width 32] [--batch 4] [--size 32] [--channels 3
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -46,9 +45,7 @@ COLUMNS = [("name", "row"), ("params", "params"), ("compile_s", "compile/first s
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = common.arg_parser(__doc__)
     p.add_argument("--config", default="configs/f4_celebahq.py", help="stage-2 structure")
     p.add_argument("--width", type=int, default=32, help="UNet model_channels (multiple of 32)")
     p.add_argument("--batch", type=int, default=4, help="images per sampling call")
@@ -155,51 +152,49 @@ def torch_side(a, torch, task, params, noise_nhwc, z_jax, flops, n_params_jax):
                  if not k.startswith("_")}
     x_T = torch.from_numpy(np.ascontiguousarray(noise_nhwc.transpose(0, 3, 1, 2)))
     rows = []
-    for threads in common.thread_list(a):
-        for mode in [m.strip() for m in a.torch_modes.split(",") if m.strip()]:
-            name = f"torch {mode} {threads}T"
-            common.log(f"sampling: {name}")
-            torch.set_num_threads(threads)
-            unet = UNet2DModel(**cfg).eval()
-            unet.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
-                                 strict=True)
-            n_params = common.count_params(unet)
-            if n_params != n_params_jax:
-                raise AssertionError(f"parameter counts differ: ldm_jax {n_params_jax:,} vs "
-                                     f"diffusers {n_params:,}")
-            x0 = x_T
-            if mode == "eager_cl":
-                unet = unet.to(memory_format=torch.channels_last)
-                x0 = x_T.contiguous(memory_format=torch.channels_last)
-            fwd = unet
-            if mode == "compile":
-                fwd, reason = common.torch_compile(unet, torch)
-                if fwd is None:
-                    rows.append({"name": name, "note": f"n/a: {reason}"})
-                    continue
-            sched = DDIMScheduler(**sched_cfg)
-            sched.set_timesteps(a.ddim_steps)
-            res = {}
-
-            def run():
-                with torch.inference_mode():
-                    x = x0
-                    for t in sched.timesteps:
-                        eps = fwd(x, t).sample
-                        x = sched.step(eps, t, x, eta=0.0).prev_sample
-                res["x"] = x
-            t0 = time.perf_counter()
-            try:
-                run()
-            except Exception as e:  # noqa: BLE001
-                rows.append({"name": name, "note": f"n/a: {common.short_reason(e)}"})
+    for threads, mode, name in common.torch_variants(a):
+        common.log(f"sampling: {name}")
+        torch.set_num_threads(threads)
+        unet = UNet2DModel(**cfg).eval()
+        unet.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+                             strict=True)
+        n_params = common.count_params(unet)
+        if n_params != n_params_jax:
+            raise AssertionError(f"parameter counts differ: ldm_jax {n_params_jax:,} vs "
+                                 f"diffusers {n_params:,}")
+        x0 = x_T
+        if mode == "eager_cl":
+            unet = unet.to(memory_format=torch.channels_last)
+            x0 = x_T.contiguous(memory_format=torch.channels_last)
+        fwd = unet
+        if mode == "compile":
+            fwd, reason = common.torch_compile(unet, torch)
+            if fwd is None:
+                rows.append({"name": name, "note": f"n/a: {reason}"})
                 continue
-            first = time.perf_counter() - t0
-            _, times = common.timed_steps(run, max(a.warmup - 1, 0), a.steps)
-            row = _row(name, times, a, flops, n_params, first)
-            x = res["x"].float().numpy().transpose(0, 2, 3, 1)
-            row["max_abs_diff"] = float(np.max(np.abs(x - z_jax)))
-            rows.append(row)
+        sched = DDIMScheduler(**sched_cfg)
+        sched.set_timesteps(a.ddim_steps)
+        res = {}
+
+        def run():
+            with torch.inference_mode():
+                x = x0
+                for t in sched.timesteps:
+                    eps = fwd(x, t).sample
+                    x = sched.step(eps, t, x, eta=0.0).prev_sample
+            res["x"] = x
+        t0 = time.perf_counter()
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001
+            rows.append({"name": name, "note": f"n/a: {common.short_reason(e)}"})
+            continue
+        first = time.perf_counter() - t0
+        _, times = common.timed_steps(run, max(a.warmup - 1, 0), a.steps)
+        row = _row(name, times, a, flops, n_params, first)
+        x = res["x"].float().numpy().transpose(0, 2, 3, 1)
+        row["max_abs_diff"] = float(np.max(np.abs(x - z_jax)))
+        rows.append(row)
     return rows
 
 

@@ -30,7 +30,6 @@ Usage: python bench/train_step.py [--width 64] [--batch 4] [--size 64] [--channe
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -49,9 +48,7 @@ COLUMNS = [("name", "row"), ("params", "params"), ("compile_s", "compile/first s
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = common.arg_parser(__doc__)
     p.add_argument("--parts", default="unet,ae", help="comma list: unet (stage 2), ae (stage 1)")
     p.add_argument("--config", default="configs/f4_celebahq.py", help="stage-2 structure")
     p.add_argument("--width", type=int, default=64, help="UNet model_channels")
@@ -167,40 +164,38 @@ def torch_unet_rows(a, torch, task_cfg, z0_nhwc, flops, n_params_jax):
     s1ma = torch.tensor(np.sqrt(1.0 - abar), dtype=torch.float32)
     lr = o.base_learning_rate * (task_cfg.batch_size if o.scale_lr_by_batch else 1)
     rows = []
-    for threads in common.thread_list(a):
-        for mode in [m.strip() for m in a.torch_modes.split(",") if m.strip()]:
-            name = f"torch {mode} {threads}T"
-            common.log(f"stage 2: {name}")
-            torch.set_num_threads(threads)
-            torch.manual_seed(0)
-            unet = torch_unet(torch, task_cfg.model, a.size).train()
-            n_params = common.count_params(unet)
-            if n_params != n_params_jax:
-                raise AssertionError(f"parameter counts differ: ldm_jax {n_params_jax:,} vs "
-                                     f"diffusers {n_params:,}")
-            x0 = torch.from_numpy(np.ascontiguousarray(z0_nhwc.transpose(0, 3, 1, 2)))
-            if mode == "eager_cl":
-                unet = unet.to(memory_format=torch.channels_last)
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(o.b1, o.b2), eps=o.eps,
-                                    weight_decay=o.weight_decay)
-            fwd = unet
-            if mode == "compile":
-                fwd, reason = common.torch_compile(unet, torch)
-                if fwd is None:
-                    rows.append(_na_row(name, reason))
-                    continue
+    for threads, mode, name in common.torch_variants(a):
+        common.log(f"stage 2: {name}")
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        unet = torch_unet(torch, task_cfg.model, a.size).train()
+        n_params = common.count_params(unet)
+        if n_params != n_params_jax:
+            raise AssertionError(f"parameter counts differ: ldm_jax {n_params_jax:,} vs "
+                                 f"diffusers {n_params:,}")
+        x0 = torch.from_numpy(np.ascontiguousarray(z0_nhwc.transpose(0, 3, 1, 2)))
+        if mode == "eager_cl":
+            unet = unet.to(memory_format=torch.channels_last)
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(o.b1, o.b2), eps=o.eps,
+                                weight_decay=o.weight_decay)
+        fwd = unet
+        if mode == "compile":
+            fwd, reason = common.torch_compile(unet, torch)
+            if fwd is None:
+                rows.append(_na_row(name, reason))
+                continue
 
-            def run():
-                t = torch.randint(0, d.timesteps, (x0.shape[0],))
-                noise = torch.randn_like(x0)
-                x_t = sa[t].view(-1, 1, 1, 1) * x0 + s1ma[t].view(-1, 1, 1, 1) * noise
-                loss = torch.mean((fwd(x_t, t).sample - noise) ** 2)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                return loss
-            rows.append(_torch_timed(a, name, run, n_params, a.batch, flops))
+        def run():
+            t = torch.randint(0, d.timesteps, (x0.shape[0],))
+            noise = torch.randn_like(x0)
+            x_t = sa[t].view(-1, 1, 1, 1) * x0 + s1ma[t].view(-1, 1, 1, 1) * noise
+            loss = torch.mean((fwd(x_t, t).sample - noise) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+        rows.append(_torch_timed(a, name, run, n_params, a.batch, flops))
     return rows
 
 
@@ -317,82 +312,80 @@ def torch_ae_rows(a, torch, cfg, x_nhwc, flops, counts_jax):
     l, o = cfg.loss, cfg.optimizer
     lr = o.base_learning_rate * (cfg.batch_size if o.scale_lr_by_batch else 1)
     rows = []
-    for threads in common.thread_list(a):
-        for mode in [m.strip() for m in a.torch_modes.split(",") if m.strip()]:
-            name = f"torch {mode} {threads}T"
-            common.log(f"stage 1: {name}")
-            torch.set_num_threads(threads)
-            torch.manual_seed(0)
-            vae, disc, lpips = torch_modules(torch, cfg, a.ae_size)
-            vae.train(), disc.train()
-            counts = (common.count_params(vae), common.count_params(disc))
-            if counts != tuple(counts_jax):
-                raise AssertionError(f"parameter counts (autoencoder, discriminator) differ: "
-                                     f"ldm_jax {counts_jax} vs torch {counts}")
-            x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
-            if mode == "eager_cl":
-                vae = vae.to(memory_format=torch.channels_last)
-                disc = disc.to(memory_format=torch.channels_last)
-                lpips = lpips.to(memory_format=torch.channels_last) if lpips else None
-                x = x.contiguous(memory_format=torch.channels_last)
-            logvar = nn.Parameter(torch.tensor(float(l.logvar_init)))
-            opt_g = torch.optim.Adam(list(vae.parameters()) + [logvar], lr=lr, betas=(o.b1, o.b2),
-                                     eps=o.eps)
-            opt_d = torch.optim.Adam(disc.parameters(), lr=lr * o.disc_lr_mult,
-                                     betas=(o.b1, o.b2), eps=o.eps)
+    for threads, mode, name in common.torch_variants(a):
+        common.log(f"stage 1: {name}")
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        vae, disc, lpips = torch_modules(torch, cfg, a.ae_size)
+        vae.train(), disc.train()
+        counts = (common.count_params(vae), common.count_params(disc))
+        if counts != tuple(counts_jax):
+            raise AssertionError(f"parameter counts (autoencoder, discriminator) differ: "
+                                 f"ldm_jax {counts_jax} vs torch {counts}")
+        x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+        if mode == "eager_cl":
+            vae = vae.to(memory_format=torch.channels_last)
+            disc = disc.to(memory_format=torch.channels_last)
+            lpips = lpips.to(memory_format=torch.channels_last) if lpips else None
+            x = x.contiguous(memory_format=torch.channels_last)
+        logvar = nn.Parameter(torch.tensor(float(l.logvar_init)))
+        opt_g = torch.optim.Adam(list(vae.parameters()) + [logvar], lr=lr, betas=(o.b1, o.b2),
+                                 eps=o.eps)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=lr * o.disc_lr_mult,
+                                 betas=(o.b1, o.b2), eps=o.eps)
 
-            class AE(nn.Module):  # encode -> sample -> decode as one module (compilable)
-                def __init__(self, vae):
-                    super().__init__()
-                    self.vae = vae
+        class AE(nn.Module):  # encode -> sample -> decode as one module (compilable)
+            def __init__(self, vae):
+                super().__init__()
+                self.vae = vae
 
-                def forward(self, x, noise):
-                    moments = self.vae.quant_conv(self.vae.encoder(x))
-                    mean, lv = torch.chunk(moments, 2, dim=1)
-                    lv = torch.clamp(lv, -30.0, 20.0)
-                    z = mean + torch.exp(0.5 * lv) * noise
-                    recon = self.vae.decoder(self.vae.post_quant_conv(z))
-                    kl = 0.5 * torch.sum(mean ** 2 + torch.exp(lv) - 1.0 - lv, dim=[1, 2, 3])
-                    return recon, kl.mean()
+            def forward(self, x, noise):
+                moments = self.vae.quant_conv(self.vae.encoder(x))
+                mean, lv = torch.chunk(moments, 2, dim=1)
+                lv = torch.clamp(lv, -30.0, 20.0)
+                z = mean + torch.exp(0.5 * lv) * noise
+                recon = self.vae.decoder(self.vae.post_quant_conv(z))
+                kl = 0.5 * torch.sum(mean ** 2 + torch.exp(lv) - 1.0 - lv, dim=[1, 2, 3])
+                return recon, kl.mean()
 
-            ae_fwd, disc_fwd, lpips_fwd = AE(vae), disc, lpips
-            if mode == "compile":
-                compiled = [common.torch_compile(m, torch) for m in (ae_fwd, disc, lpips) if m is not None]
-                bad = [r for c, r in compiled if c is None]
-                if bad:
-                    rows.append(_na_row(name, bad[0]))
-                    continue
-                ae_fwd, disc_fwd = compiled[0][0], compiled[1][0]
-                lpips_fwd = compiled[2][0] if lpips is not None else None
-            last = vae.decoder.conv_out.weight
-            z_shape = (x.shape[0], cfg.model.embed_dim, a.ae_size // 2 ** (len(cfg.model.ch_mult) - 1),
-                       a.ae_size // 2 ** (len(cfg.model.ch_mult) - 1))
+        ae_fwd, disc_fwd, lpips_fwd = AE(vae), disc, lpips
+        if mode == "compile":
+            compiled = [common.torch_compile(m, torch) for m in (ae_fwd, disc, lpips) if m is not None]
+            bad = [r for c, r in compiled if c is None]
+            if bad:
+                rows.append(_na_row(name, bad[0]))
+                continue
+            ae_fwd, disc_fwd = compiled[0][0], compiled[1][0]
+            lpips_fwd = compiled[2][0] if lpips is not None else None
+        last = vae.decoder.conv_out.weight
+        z_shape = (x.shape[0], cfg.model.embed_dim, a.ae_size // 2 ** (len(cfg.model.ch_mult) - 1),
+                   a.ae_size // 2 ** (len(cfg.model.ch_mult) - 1))
 
-            def run():
-                disc.requires_grad_(False)
-                recon, kl = ae_fwd(x, torch.randn(z_shape))
-                rec = l.pixel_weight * torch.abs(x - recon)
-                if lpips_fwd is not None:
-                    rec = rec + l.perceptual_weight * lpips_fwd(x, recon).view(-1, 1, 1, 1)
-                nll = torch.sum(rec / torch.exp(logvar) + logvar) / x.shape[0]
-                g_loss = -torch.mean(disc_fwd(recon))
-                nll_g = torch.autograd.grad(nll, last, retain_graph=True)[0]
-                g_g = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
-                d_weight = torch.clamp(torch.norm(nll_g) / (torch.norm(g_g) + 1e-4), 0.0,
-                                       l.adaptive_weight_max).detach() * l.disc_weight
-                loss = nll + l.kl_weight * kl + d_weight * l.disc_factor * g_loss
-                opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_g.step()
-                disc.requires_grad_(True)
-                r_det = recon.detach()
-                d_loss = l.disc_factor * 0.5 * (torch.mean(torch.relu(1.0 - disc_fwd(x)))
-                                                + torch.mean(torch.relu(1.0 + disc_fwd(r_det))))
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-                return loss
-            rows.append(_torch_timed(a, name, run, sum(counts), a.ae_batch, flops))
+        def run():
+            disc.requires_grad_(False)
+            recon, kl = ae_fwd(x, torch.randn(z_shape))
+            rec = l.pixel_weight * torch.abs(x - recon)
+            if lpips_fwd is not None:
+                rec = rec + l.perceptual_weight * lpips_fwd(x, recon).view(-1, 1, 1, 1)
+            nll = torch.sum(rec / torch.exp(logvar) + logvar) / x.shape[0]
+            g_loss = -torch.mean(disc_fwd(recon))
+            nll_g = torch.autograd.grad(nll, last, retain_graph=True)[0]
+            g_g = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+            d_weight = torch.clamp(torch.norm(nll_g) / (torch.norm(g_g) + 1e-4), 0.0,
+                                   l.adaptive_weight_max).detach() * l.disc_weight
+            loss = nll + l.kl_weight * kl + d_weight * l.disc_factor * g_loss
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+            disc.requires_grad_(True)
+            r_det = recon.detach()
+            d_loss = l.disc_factor * 0.5 * (torch.mean(torch.relu(1.0 - disc_fwd(x)))
+                                            + torch.mean(torch.relu(1.0 + disc_fwd(r_det))))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            return loss
+        rows.append(_torch_timed(a, name, run, sum(counts), a.ae_batch, flops))
     return rows
 
 
@@ -423,7 +416,7 @@ def _finish(part, rows, flops, params, a, extra):
 def main(argv=None):
     a = parse_args(argv)
     a.ae_batch = a.ae_batch or a.batch
-    parts = {p.strip() for p in a.parts.split(",") if p.strip()}
+    parts = set(common.comma_list(a.parts))
     load0 = os.getloadavg()
     torch = None if a.skip_torch else common.import_torch(a)
     import jax  # noqa: F401  (after OMP_WAIT_POLICY is set)
