@@ -187,6 +187,18 @@ def test_registered_and_made_by_the_task():
         assert np.array_equal(np.asarray(direct), np.asarray(outs["dpmpp_2m"])) == karras
 
 
+def test_a_refused_sampler_setting_is_a_config_error():
+    import ml_collections
+    from ldm_jax.config.loading import ConfigError
+    from ldm_jax.tasks.diffusion import make_sampler
+    config = ml_collections.ConfigDict({
+        "diffusion": {"parameterization": "eps"},
+        "sampling": {"sampler": "dpmpp_2m", "num_steps": 5, "eta": 0.5, "karras_sigmas": False}})
+    # A UserError: the command line prints it as one line and exits 2.
+    with pytest.raises(ConfigError, match="sampler 'dpmpp_2m'.*eta must be 0, got 0.5"):
+        make_sampler(config, SCHED)
+
+
 def test_dpmpp_2m_rejects_eta():
     with pytest.raises(ValueError, match="dpmpp_2m is a deterministic ODE solver: eta must be 0"):
         S.get_sampler("dpmpp_2m")(SCHED, num_steps=10, eta=0.5)

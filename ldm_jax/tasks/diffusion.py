@@ -80,7 +80,10 @@ def make_sampler(config, schedule, *, name=None, num_steps=None, eta=None):
     # sampling.karras_sigmas goes only to the samplers that have the option (dpmpp_2m).
     if "karras_sigmas" in inspect.signature(factory).parameters:
         kwargs["karras_sigmas"] = bool(config.sampling.get("karras_sigmas", False))
-    return factory(schedule, **kwargs)
+    try:
+        return factory(schedule, **kwargs)
+    except ValueError as e:  # a setting the sampler refuses (eta, steps): the user's to fix
+        raise ConfigError(f"sampler {name!r} (--sampler / config.sampling): {e}") from None
 
 
 class LatentContext:
