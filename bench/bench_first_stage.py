@@ -41,6 +41,8 @@ sys.path.insert(0, REPO)
 
 
 def parse_args(argv=None):
+    from ldm_jax.cli import host_memory
+    host_memory.maybe_reexec()  # the malloc settings ldm_jax's commands use on CPU
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=32)

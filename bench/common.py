@@ -39,7 +39,13 @@ if REPO not in sys.path:
 
 # ------------------------------------------------------------------------------ arguments
 def arg_parser(doc: str) -> argparse.ArgumentParser:
-    """A script's parser: the docstring's first line as description, the rest as epilog."""
+    """A script's parser: the docstring's first line as description, the rest as epilog.
+
+    Called first thing by every script, so it also re-executes the script with the malloc
+    settings the ldm_jax commands use on CPU (ldm_jax/cli/host_memory.py): the benchmarks
+    measure what a run gets, and torch, in the same process, gets the same allocator."""
+    from ldm_jax.cli import host_memory
+    host_memory.maybe_reexec()
     return argparse.ArgumentParser(description=doc.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=doc.split("\n", 1)[1])
@@ -182,6 +188,7 @@ def machine_info(load_before=None, *, with_torch: bool = False) -> dict:
             "jax": jax.__version__, "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()],
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if with_torch and "torch" in sys.modules:
         import torch
@@ -204,7 +211,8 @@ def print_machine(info: dict) -> None:
     if "torch" in info:
         vers += (f", torch {info['torch']} (OMP_WAIT_POLICY={info['OMP_WAIT_POLICY']}), "
                  f"diffusers {info.get('diffusers', '?')}")
-    print(f"versions: {vers}, XLA_FLAGS={info['XLA_FLAGS']!r}")
+    print(f"versions: {vers}, XLA_FLAGS={info['XLA_FLAGS']!r}, "
+          f"GLIBC_TUNABLES={info['GLIBC_TUNABLES']!r}")
 
 
 # ------------------------------------------------------------------------------ output

@@ -39,6 +39,8 @@ def tmin(fn, reps):
 
 
 def main(argv=None):
+    from ldm_jax.cli import host_memory
+    host_memory.maybe_reexec()  # the malloc settings ldm_jax's commands use on CPU
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=DEFAULT_SHAPES)
     p.add_argument("--impls", default="xla,im2col,shifted")

@@ -242,7 +242,7 @@ def test_attention_wrapper():
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     expected = np.einsum("bhqk,bkhd->bqhd", p, v)
-    for impl in (None, "xla"):
+    for impl in (None, "chunked", "xla"):
         np.testing.assert_allclose(attention(q, k, v, implementation=impl), expected,
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="implementation"):

@@ -12,6 +12,7 @@ import sys
 from typing import Callable, NoReturn, Sequence
 
 from ldm_jax import UserError
+from ldm_jax.cli import host_memory
 from ldm_jax.config import loading as config_lib
 
 EXIT_USER_ERROR = 2
@@ -69,7 +70,11 @@ def main_for(build_parser: Callable[[], argparse.ArgumentParser],
              command: Callable[[argparse.Namespace, list[str]], object],
              argv: Sequence[str] | None, *, config_overrides: bool = False) -> int:
     """The body of every entry point's `main(argv)`: parse (one-line errors), then run
-    `command(args, overrides)` under `run_command`."""
+    `command(args, overrides)` under `run_command`. Invoked from the command line (argv None), it
+    first re-executes itself with the XLA:CPU malloc settings where they apply
+    (ldm_jax/cli/host_memory.py)."""
+    if argv is None:
+        host_memory.maybe_reexec()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:

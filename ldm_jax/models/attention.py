@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ldm_jax.models.chunked_attention import chunked_attention
+
 Dtype = Any
 
 # PyTorch's default Linear/Conv kernel init (kaiming_uniform with a=sqrt(5)) is exactly
@@ -28,7 +30,7 @@ Dtype = Any
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 zeros_init = nn.initializers.zeros
 
-_IMPLEMENTATIONS = (None, "xla", "cudnn")
+IMPLEMENTATIONS = (None, "chunked", "xla", "cudnn")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -38,20 +40,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     Args:
       q: queries [B, Lq, heads, d].
       k, v: keys / values [B, Lk, heads, d] (same dtype as ``q``).
-      implementation: None (let JAX choose), 'xla' (portable, works on CPU) or 'cudnn'
-        (fused flash attention on NVIDIA GPUs; needs float16/bfloat16 inputs).
+      implementation:
+        'chunked': ldm_jax's own (models/chunked_attention.py): heads-major matmuls, the
+          probabilities recomputed in the backward pass instead of stored, queries chunked when
+          the score matrix is large. Fastest on CPU and the least memory on every backend.
+        'xla': `jax.nn.dot_product_attention`'s portable implementation (stores the
+          probabilities).
+        'cudnn': cuDNN's fused flash attention on NVIDIA GPUs (float16/bfloat16 inputs).
+        None (default): 'chunked', except on a GPU with float16/bfloat16 inputs, where
+          `jax.nn.dot_product_attention` picks (cuDNN when it supports the shapes).
 
     Returns:
-      [B, Lq, heads, d] in the dtype of ``q``. The softmax is computed in float32 by
-      `jax.nn.dot_product_attention` whatever the input dtype.
+      [B, Lq, heads, d] in the dtype of ``q``. The softmax is computed in float32 whatever the
+      input dtype.
     """
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation must be one of {_IMPLEMENTATIONS}, "
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
-    if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    if implementation == "cudnn" and not half:
         raise ValueError("attention implementation 'cudnn' requires bfloat16/float16 inputs "
-                         f"(got {q.dtype}); set the model dtype to bfloat16 or use 'xla'")
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+                         f"(got {q.dtype}); set the model dtype to bfloat16 or use 'chunked'")
+    if implementation is None:
+        implementation = "auto" if half and jax.default_backend() == "gpu" else "chunked"
+    if implementation == "chunked":
+        return chunked_attention(q, k, v)
+    return jax.nn.dot_product_attention(
+        q, k, v, implementation=None if implementation == "auto" else implementation)
 
 
 def resolve_heads(channels: int, num_heads: int = -1, num_head_channels: int = -1):

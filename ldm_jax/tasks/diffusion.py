@@ -24,6 +24,7 @@ from ldm_jax.diffusion import ema as ema_lib
 from ldm_jax.diffusion import losses as diffusion_losses
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.schedules import DiffusionSchedule
+from ldm_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from ldm_jax.models.remat import check_remat
 from ldm_jax.models.unet import UNetModel
 from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
@@ -34,6 +35,10 @@ def make_unet(model_cfg, dtype=jnp.float32) -> UNetModel:
     """UNetModel from `config.model` (0 means 'unset' for context_dim and num_classes)."""
     # Configs written before the field: no remat.
     remat = check_remat(model_cfg.get("remat", "nothing"), "config.model.remat", ConfigError)
+    if model_cfg.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"config.model.attention_impl={model_cfg.attention_impl!r} is not one "
+                          f"of {ATTENTION_IMPLEMENTATIONS} (None picks per backend; see "
+                          "docs/performance.md)")
     return UNetModel(
         in_channels=model_cfg.in_channels, out_channels=model_cfg.out_channels,
         model_channels=model_cfg.model_channels, num_res_blocks=model_cfg.num_res_blocks,
