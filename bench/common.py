@@ -59,9 +59,10 @@ def comma_list(text) -> list[str]:
 def add_common_args(p, *, steps: int = 5, warmup: int = 2, torch: bool = True) -> None:
     p.add_argument("--steps", type=int, default=steps, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed steps after compile")
-    p.add_argument("--peak_gflops", type=float, default=68.0,
-                   help="machine peak GFLOP/s for the MFU columns (see bench/README.md: 68 is "
-                        "below this CPU's real peak; ~330 = 2 cores x AVX-512 FMA x 2.6 GHz)")
+    p.add_argument("--peak_gflops", type=float, default=0.0,
+                   help="machine peak GFLOP/s for the MFU columns; 0 (default): measured in "
+                        "this run as the best float32 GFLOP/s of a 4096^3 matmul, jax or torch "
+                        "(matmul_peak_gflops)")
     p.add_argument("--json", type=str, default="", help="write the results as JSON to PATH")
     p.add_argument("--conv_impl", type=str, default="",
                    help="convolution formulation: xla (default, what the models use), im2col "
@@ -159,6 +160,48 @@ def count_params(tree) -> int:
         return int(sum(p.numel() for p in tree.parameters()))
     import jax
     return int(sum(int(np.prod(np.shape(p))) for p in jax.tree_util.tree_leaves(tree)))
+
+
+def matmul_peak_gflops(torch=None, n: int = 4096, reps: int = 3) -> dict:
+    """The MFU denominator measured in this run: the best float32 GFLOP/s of an n^3 matmul,
+    jax and (when given) torch with its current thread count. Returns {'jax', 'torch',
+    'peak'}."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    flops = 2.0 * n ** 3
+
+    def best(fn):
+        fn()
+        return flops / min(_timed(fn) for _ in range(reps)) / 1e9
+
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    dot = jax.jit(jnp.dot)
+    out = {"jax": best(lambda: jax.block_until_ready(dot(ja, jb)))}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        out["torch"] = best(lambda: ta @ tb)
+    out["peak"] = max(v for v in out.values())
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def resolve_peak(a, torch=None) -> None:
+    """Fills a.peak_gflops from matmul_peak_gflops when it is 0 (keeps the measurement in
+    a.peak_detail for the JSON)."""
+    a.peak_detail = {"given": a.peak_gflops}
+    if not a.peak_gflops:
+        a.peak_detail = matmul_peak_gflops(torch)
+        a.peak_gflops = a.peak_detail["peak"]
+        log(f"MFU peak: {a.peak_gflops:.0f} GFLOP/s (4096^3 float32 matmul: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in a.peak_detail.items() if k != "peak") + ")")
 
 
 def mfu(flops: float, seconds: float, peak_gflops: float) -> float:
@@ -299,21 +342,33 @@ def short_reason(e: BaseException, limit: int = 160) -> str:
 
 # ------------------------------------------------------------------------------ config
 def apply_conv_impl(config, conv_impl: str) -> str:
-    """Benchmark-only convolution formulation: '' / 'xla' leave the models' flax.linen.Conv
-    alone; 'im2col' / 'shifted' replace flax.linen.Conv in this process by
-    bench.conv_formulations.Conv(impl=...), which has the same parameter tree (the models keep
-    XLA's convolutions: neither GEMM form was faster here, see bench/README.md). Returns what
-    was applied. `config` is unused (kept so every script calls it the same way)."""
-    del config
-    if not conv_impl or conv_impl in ("default", "xla"):
-        return "xla"
+    """Benchmark convolution formulation. '' / 'default': the models as configured
+    (`config.conv_weight_grad`, 'auto' = XLA's convolution with the GEMM weight gradient on
+    CPU, ldm_jax/models/conv.py); 'xla' / 'gemm': that weight gradient for every model conv
+    (sets `config.conv_weight_grad` and the process default); 'im2col' / 'shifted': the
+    models' Conv replaced in this process by bench.conv_formulations.Conv(impl=...), same
+    parameter tree (whole-GEMM formulations, slower here, see bench/README.md). Returns what
+    was applied."""
+    from ldm_jax.models import conv
+    if not conv_impl or conv_impl == "default":
+        impl = config.get("conv_weight_grad", "auto") if config is not None else "auto"
+        conv.set_default_weight_grad(impl)
+        return f"weight_grad {conv.resolve_weight_grad(impl)}"
+    if conv_impl in ("xla", "gemm"):
+        if config is not None:
+            set_field(config, "conv_weight_grad", conv_impl)
+        conv.set_default_weight_grad(conv_impl)
+        return f"weight_grad {conv_impl}"
     import functools
+    import importlib
 
-    import flax.linen as nn
     from bench.conv_formulations import CONV_IMPLS, Conv
     if conv_impl not in CONV_IMPLS:
-        raise SystemExit(f"--conv_impl={conv_impl!r}: use one of {CONV_IMPLS}")
-    nn.Conv = functools.partial(Conv, impl=conv_impl)
+        raise SystemExit(f"--conv_impl={conv_impl!r}: use one of default, xla, gemm, "
+                         f"{', '.join(CONV_IMPLS)}")
+    for name in ("unet", "autoencoder", "attention", "discriminator"):
+        importlib.import_module(f"ldm_jax.models.{name}").Conv = functools.partial(
+            Conv, impl=conv_impl)
     return conv_impl
 
 

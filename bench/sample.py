@@ -202,6 +202,7 @@ def main(argv=None):
     a = parse_args(argv)
     load0 = os.getloadavg()
     torch = None if a.skip_torch else common.import_torch(a)
+    common.resolve_peak(a, torch)
     config, applied = common.diffusion_config(a.config, width=a.width, size=a.size,
                                               channels=a.channels, batch=a.batch, dtype=a.dtype,
                                               conv_impl=a.conv_impl)

@@ -19,12 +19,12 @@
                   BatchNorm in train mode) + LPIPS-VGG16 (torchvision vgg16, random weights),
                   taming's LPIPSWithDiscriminator loss (adaptive weight by autograd.grad on the
                   decoder's conv_out), two torch.optim.Adam (b1 0.5, b2 0.9)
-FLOPs/step: XLA cost_analysis of the ldm_jax task step; MFU = FLOPs / step time / --peak_gflops.
+FLOPs/step: XLA cost_analysis of the ldm_jax task step; MFU = FLOPs / step time / peak, the peak measured in the same run (a 4096^3 float32 matmul, best of jax and torch) unless --peak_gflops is given.
 ratio = ldm_jax task img/s over the best torch row's img/s.
 
 Usage: python bench/train_step.py [--width 64] [--batch 4] [--size 64] [--channels 3]
   [--ae_ch 64] [--ae_size 64] [--ae_batch 4] [--parts unet,ae] [--torch_modes eager,eager_cl,
-  compile] [--torch_threads 1,2] [--steps 5] [--warmup 2] [--peak_gflops 68] [--conv_impl X]
+  compile] [--torch_threads 1,2] [--steps 5] [--warmup 2] [--peak_gflops 0 (measure)] [--conv_impl X]
   [--omp_wait_policy passive] [--json out.json]
 """
 
@@ -419,6 +419,7 @@ def main(argv=None):
     parts = set(common.comma_list(a.parts))
     load0 = os.getloadavg()
     torch = None if a.skip_torch else common.import_torch(a)
+    common.resolve_peak(a, torch)
     import jax  # noqa: F401  (after OMP_WAIT_POLICY is set)
     out = {"args": vars(a)}
     if "unet" in parts:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ldm_jax.models.chunked_attention import chunked_attention
+from ldm_jax.models.conv import Conv
 
 Dtype = Any
 
@@ -277,7 +278,7 @@ class SpatialTransformer(nn.Module):
             h = nn.Dense(inner, dtype=self.dtype, param_dtype=jnp.float32,
                          kernel_init=torch_default_init, name="proj_in")(h)
         else:
-            h = nn.Conv(inner, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+            h = Conv(inner, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=torch_default_init, name="proj_in")(h)
             h = h.reshape(b, hgt * wid, inner)
         if self.position_frequencies:
@@ -299,6 +300,6 @@ class SpatialTransformer(nn.Module):
             h = h.reshape(b, hgt, wid, c)
         else:
             h = h.reshape(b, hgt, wid, inner)
-            h = nn.Conv(c, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+            h = Conv(c, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=zeros_init, name="proj_out")(h)
         return x + h

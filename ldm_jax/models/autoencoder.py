@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.quantizer import VectorQuantizer
+from ldm_jax.models.conv import Conv
 from ldm_jax.models.remat import check_remat, remat_block
 
 Dtype = Any
@@ -47,14 +48,14 @@ GROUPNORM_EPS = 1e-6
 # ------------------------------------------------------------------------------------------------
 
 def _conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1,
-          padding: Union[str, Sequence[Tuple[int, int]], None] = None) -> nn.Conv:
+          padding: Union[str, Sequence[Tuple[int, int]], None] = None) -> Conv:
     """A conv with float32 params, torch-like init and symmetric 'same' padding by default."""
     if padding is None:
         p = (kernel - 1) // 2
         padding = ((p, p), (p, p))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=dtype, param_dtype=jnp.float32, kernel_init=_TORCH_CONV_INIT,
-                   bias_init=nn.initializers.zeros, name=name)
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                dtype=dtype, param_dtype=jnp.float32, kernel_init=_TORCH_CONV_INIT,
+                bias_init=nn.initializers.zeros, name=name)
 
 
 def _group_norm(x: jax.Array, num_groups: int, dtype: Dtype, name: str) -> jax.Array:
@@ -67,7 +68,7 @@ def _group_norm(x: jax.Array, num_groups: int, dtype: Dtype, name: str) -> jax.A
     return y.astype(dtype)
 
 
-def _make_conv_out(out_ch: int, dtype: Dtype, name: Optional[str] = None) -> nn.Conv:
+def _make_conv_out(out_ch: int, dtype: Dtype, name: Optional[str] = None) -> Conv:
     """The decoder's final 3x3 conv; shared by ``Decoder`` and ``apply_decoder_conv_out`` so both
     compute exactly the same function."""
     return _conv(out_ch, 3, dtype, name=name)

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.conv import Conv
+
 # pix2pix init: conv weights N(0, 0.02), norm scale N(1, 0.02), norm bias 0.
 _CONV_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -74,8 +76,8 @@ class NLayerDiscriminator(nn.Module):
     norm: str = "batch"
     dtype: Any = jnp.float32
 
-    def _conv(self, features: int, stride: int, use_bias: bool, name: str) -> nn.Conv:
-        return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
+    def _conv(self, features: int, stride: int, use_bias: bool, name: str) -> Conv:
+        return Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
                        use_bias=use_bias, kernel_init=_CONV_INIT,
                        bias_init=nn.initializers.zeros, dtype=self.dtype,
                        param_dtype=jnp.float32, name=name)

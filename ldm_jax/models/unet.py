@@ -21,6 +21,7 @@ import flax.linen as nn
 
 from ldm_jax.models.attention import (SelfAttentionBlock, SpatialTransformer, group_norm,
                                       resolve_heads, torch_default_init, zeros_init)
+from ldm_jax.models.conv import Conv
 from ldm_jax.models.remat import check_remat, remat_block
 
 Dtype = Any
@@ -42,13 +43,13 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
 
 
 def _conv(features: int, name: str, dtype: Dtype, kernel: int = 3, stride: int = 1,
-          zero: bool = False) -> nn.Conv:
+          zero: bool = False) -> Conv:
     # Explicit symmetric padding (not 'SAME'): for stride 2 'SAME' pads (0, 1) whereas the
     # reference pads (1, 1), which would shift every downsampled feature map by half a pixel.
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=zeros_init if zero else torch_default_init, name=name)
+    return Conv(features, (kernel, kernel), strides=(stride, stride),
+                padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
+                kernel_init=zeros_init if zero else torch_default_init, name=name)
 
 
 def _upsample_nearest(x: jax.Array) -> jax.Array:

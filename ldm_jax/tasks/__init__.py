@@ -22,5 +22,9 @@ def make_task(config):
     target = TASKS.get(config.stage)
     if target is None:
         raise ConfigError(f"config.stage={config.stage!r}: use one of {sorted(TASKS)}.")
+    from ldm_jax.models import conv
+    # Process-wide (read when the steps are traced); configs written before the key: auto.
+    conv.set_default_weight_grad(conv.check_weight_grad(
+        config.get("conv_weight_grad", "auto"), "config.conv_weight_grad", ConfigError))
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)(config)
