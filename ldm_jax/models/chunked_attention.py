@@ -54,13 +54,18 @@ def _forward_block(q, k, v, scale):
 
 
 def _backward_block(q, k, v, o, lse, do, scale):
-    p = jnp.exp(_scores(q, k, scale) - lse)
-    do32 = do.astype(jnp.float32)
-    dv = jnp.einsum("bnqk,bnqd->bnkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bnqd,bnkd->bnqk", do, v, preferred_element_type=jnp.float32)
-    ds = (p * (dp - jnp.sum(do32 * o, axis=-1, keepdims=True))).astype(q.dtype)
-    dq = jnp.einsum("bnqk,bnkd->bnqd", ds, k, preferred_element_type=jnp.float32) * scale
-    dk = jnp.einsum("bnqk,bnqd->bnkd", ds, q, preferred_element_type=jnp.float32) * scale
+    # Keys-major [b, n, Lk, Lq] probabilities: dV and dK are then plain matmuls, and only dQ
+    # contracts over the leading axis (the queries-major form needs two such contractions,
+    # which XLA:CPU runs at a third of its matmul speed: 62 -> 54 ms per layer measured).
+    f32 = jnp.float32
+    p_t = jnp.exp(jnp.einsum("bnkd,bnqd->bnkq", k, q, preferred_element_type=f32) * scale
+                  - jnp.swapaxes(lse, -1, -2))
+    dv = jnp.einsum("bnkq,bnqd->bnkd", p_t.astype(do.dtype), do, preferred_element_type=f32)
+    dp_t = jnp.einsum("bnkd,bnqd->bnkq", v, do, preferred_element_type=f32)
+    rows = jnp.swapaxes(jnp.sum(do.astype(f32) * o, axis=-1, keepdims=True), -1, -2)
+    ds_t = (p_t * (dp_t - rows)).astype(q.dtype)
+    dk = jnp.einsum("bnkq,bnqd->bnkd", ds_t, q, preferred_element_type=f32) * scale
+    dq = jnp.einsum("bnkq,bnkd->bnqd", ds_t, k, preferred_element_type=f32) * scale
     return dq, dk, dv
 
 
