@@ -50,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ldm_jax.models.remat import REMAT_POLICIES, compiler_options  # noqa: E402
+from ldm_jax.models import conv  # noqa: E402
 from ldm_jax.tasks.diffusion import DiffusionTask, LatentContext  # noqa: E402
 
 # Paper rows: the config file, its latents (shape, first-stage kind) and the batch per device
@@ -63,6 +64,10 @@ MODELS = {
     "text2img256": dict(latent_shape=(64, 64, 3), kind="vq", batch=64),
 }
 FIELDS = ("argument", "output", "alias", "temp", "code")
+# --conv_weight_grad; 'xla' by default: what GPU/TPU run under 'auto'. On CPU 'auto' is 'gemm',
+# whose im2col matrices (kh*kw x each conv input) XLA:CPU may keep alive together in the
+# backward pass.
+CONV_WEIGHT_GRAD = ["xla"]
 GB = 1e9
 
 
@@ -79,6 +84,8 @@ def _task(name: str, remat: str, dtype: str):
     """The diffusion task of a config (synthetic latent context: no data, no first stage) and
     its abstract train state."""
     config = load_config(name)
+    config.conv_weight_grad = CONV_WEIGHT_GRAD[0]
+    conv.set_default_weight_grad(CONV_WEIGHT_GRAD[0])
     config.model.remat = remat
     config.dtype = dtype
     row = MODELS[name]
@@ -118,6 +125,7 @@ def measure(name: str, remat: str, dtype: str, batch: int) -> dict:
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     row = {"config": name, "remat": remat, "dtype": dtype, "batch": batch,
+           "conv_weight_grad": CONV_WEIGHT_GRAD[0],
            "argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
            "alias": stats.alias_size_in_bytes, "temp": stats.temp_size_in_bytes,
            "code": stats.generated_code_size_in_bytes, "compile_s": round(seconds, 1)}
@@ -210,7 +218,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_batch", type=int, default=1024,
                         help="cap of the --search (a '+' marks a result that reached it)")
     parser.add_argument("--json", default="", help="write the rows here")
+    parser.add_argument("--conv_weight_grad", choices=("xla", "gemm"), default="xla",
+                        help="config.conv_weight_grad of the measured step (default xla: the "
+                             "accelerators' formulation; gemm: CPU's 'auto')")
     args = parser.parse_args(argv)
+    CONV_WEIGHT_GRAD[0] = args.conv_weight_grad
 
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in MODELS]
