@@ -1,7 +1,8 @@
 """Convolution as GEMMs, for benchmarking against XLA's own convolutions (bench/conv_kernels.py,
-bench_first_stage.py --conv_impl). Measured on the project's 2-core CPU, neither GEMM form beats
-XLA:CPU's convolutions per layer or per train step (bench/README.md), so the models keep
-flax.linen.Conv; this module stays here as the tested record of what was tried.
+bench_first_stage.py --conv_impl). Measured on the project's 2-core CPU, neither whole-GEMM form
+beats XLA:CPU's forward convolution per layer or per train step (bench/README.md), so the models
+keep XLA's forward and input-gradient convolutions and take only the weight gradient as a GEMM
+(ldm_jax/models/conv.py); this module stays here as the tested record of what was tried.
 
 A drop-in replacement for ``flax.linen.Conv`` (NHWC, HWIO) with selectable formulations.
 

@@ -82,10 +82,10 @@ def test_reexecuted_process_reuses_freed_large_blocks():
     assert faults > 1000, faults                # glibc's default: a fresh mmap every time
 
 
-def test_command_line_entry_points_reexecute():
-    """runner.main_for, invoked as a command (argv None), runs its command in the re-executed
-    process; called with an argv list (tests, notebooks) it never re-executes."""
-    script = textwrap.dedent(f"""
+def test_command_line_entry_points_reexecute(tmp_path):
+    """runner.main_for re-executes when the process runs as `python -m ldm_jax...` with argv
+    None; with an argv list, or when another program (python -c here) calls it, it never does."""
+    probe = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {REPO!r})
         from ldm_jax.cli import runner
@@ -95,17 +95,22 @@ def test_command_line_entry_points_reexecute():
             return p
         def show(args, overrides):
             print("TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""))
-        sys.exit(runner.main_for(parser, show,
-                                 None if sys.argv[1:] == ["cli"] else []))
+        if __name__ == "__main__":
+            sys.exit(runner.main_for(parser, show, [] if sys.argv[1:] == ["list"] else None))
     """)
+    (tmp_path / "ldm_jax_reexec_probe.py").write_text(probe)
     env = {k: v for k, v in os.environ.items()
            if k not in ("GLIBC_TUNABLES", host_memory.MARKER_VARIABLE,
                         host_memory.OPT_OUT_VARIABLE)}
-    env["JAX_PLATFORMS"] = "cpu"
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(tmp_path))
     expected = (":".join(host_memory.MALLOC_TUNABLES)
                 if host_memory.tuned_environment(env) is not None else "")
-    for mode, want in (("cli", expected), ("library", "")):
-        argv = [sys.executable, "-c", script] + (["cli"] if mode == "cli" else [])
+    runs = {"command": ([sys.executable, "-m", "ldm_jax_reexec_probe", "cli"], expected),
+            "argv list": ([sys.executable, "-m", "ldm_jax_reexec_probe", "list"], ""),
+            "other program": ([sys.executable, "-c", "import runpy; runpy.run_path("
+                               f"{str(tmp_path / 'ldm_jax_reexec_probe.py')!r}, "
+                               "run_name='__main__')", "cli"], "")}
+    for mode, (argv, want) in runs.items():
         out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True,
-                             timeout=120).stdout
+                             timeout=120, cwd=tmp_path).stdout
         assert f"TUNABLES={want}\n" in out, (mode, out)

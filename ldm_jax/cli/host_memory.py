@@ -65,6 +65,13 @@ def tuned_environment(env: Mapping[str, str]) -> Optional[dict]:
     return new
 
 
+def running_as_command() -> bool:
+    """True when the process was started as `python -m ldm_jax...` (not when another program
+    calls an entry point's main(), whose process must not be replaced)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return bool(spec and spec.name.split(".")[0].startswith("ldm_jax"))
+
+
 def maybe_reexec() -> None:
     """Re-executes this process's command line with the malloc tunables, where they apply.
     Call it first thing in a command-line entry point (before jax is imported, so no device or

@@ -70,10 +70,10 @@ def main_for(build_parser: Callable[[], argparse.ArgumentParser],
              command: Callable[[argparse.Namespace, list[str]], object],
              argv: Sequence[str] | None, *, config_overrides: bool = False) -> int:
     """The body of every entry point's `main(argv)`: parse (one-line errors), then run
-    `command(args, overrides)` under `run_command`. Invoked from the command line (argv None), it
-    first re-executes itself with the XLA:CPU malloc settings where they apply
-    (ldm_jax/cli/host_memory.py)."""
-    if argv is None:
+    `command(args, overrides)` under `run_command`. Run as a command (`python -m ldm_jax.X`, argv
+    None), it first re-executes itself with the XLA:CPU malloc settings where they apply
+    (ldm_jax/cli/host_memory.py); called from another program it never does."""
+    if argv is None and host_memory.running_as_command():
         host_memory.maybe_reexec()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

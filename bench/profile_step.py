@@ -1,0 +1,153 @@
+"""Where a train step's time goes: per op kind and per UNet block, from a jax.profiler trace.
+
+Runs the real stage-2 train step (`DiffusionTask.train_step`, configs/f4_celebahq.py structure
+at --width/--batch/--size/--channels on synthetic latents, AOT compiled with the state donated,
+as the trainer does), traces --steps calls, and joins the trace's per-thunk times with the
+compiled HLO: each fused computation is classed by what it contains (convolution forward /
+input gradient / weight gradient, dot, reduce, copy/transpose, other) and attributed to the
+model block in its op_name metadata (input_blocks_4_1, ...). Also counts the minor page faults
+per step (see docs/performance.md, "Host memory"). Prints three tables; --json writes them.
+
+    python bench/profile_step.py --width 64 --batch 4 --size 64
+Not a test (lives in bench/).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+
+_BLOCK = re.compile(r"(input_blocks_\d+_\d+|middle_block_\d+|output_blocks_\d+_\d+|time_embed|out_)")
+
+
+def parse_args(argv=None):
+    p = common.arg_parser(__doc__)
+    p.add_argument("--config", default="configs/f4_celebahq.py")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--top", type=int, default=12, help="rows of the per-block table")
+    common.add_common_args(p, steps=2, warmup=2, torch=False)
+    return p.parse_args(argv)
+
+
+def _hlo_index(hlo: str):
+    """instruction name -> (op_name metadata, set of op kinds inside its fused computation)."""
+    bodies, current, lines = {}, None, {}
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = head.group(1)
+            bodies[current] = []
+        elif current and line.startswith(" ") and line.strip():
+            bodies[current].append(line)
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+            if m:
+                lines[m.group(1)] = m.group(2)
+    index = {}
+    for name, body in lines.items():
+        op = re.search(r'op_name="([^"]+)"', body)
+        op_name = op.group(1) if op else ""
+        called = re.search(r"calls=%?([\w.\-]+)", body)
+        inner = bodies.get(called.group(1), []) if called else [body]
+        kinds = set()
+        for text in inner:
+            k = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = \S+ ([\w\-]+)\(", text)
+            if k:
+                kinds.add(k.group(1))
+        if not called:
+            k = re.match(r"\S+ ([\w\-]+)\(", body)
+            if k:
+                kinds.add(k.group(1))
+        index[name] = (op_name, kinds)
+    return index
+
+
+def _kind(name: str, op_name: str, kinds: set) -> str:
+    backward = "transpose(" in op_name
+    if "convolution" in kinds:
+        return "conv input/weight gradient" if backward else "conv forward"
+    if "dot" in kinds:
+        return "dot (matmul) backward" if backward else "dot (matmul) forward"
+    if "reduce" in kinds:
+        return "reduction fusion (norms, softmax sums)"
+    if name.startswith("copy") or kinds & {"copy", "transpose"}:
+        return "copy / transpose"
+    if "concatenate" in kinds:
+        return "concatenate (skip connections, im2col)"
+    return "elementwise / other"
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    import jax
+
+    load0 = os.getloadavg()
+    config, applied = common.diffusion_config(a.config, width=a.width, size=a.size,
+                                              channels=a.channels, batch=a.batch, dtype=a.dtype,
+                                              conv_impl=a.conv_impl)
+    task, state, batch, consts = common.diffusion_task(config)
+    compiled, _, _ = common.aot_compile(functools.partial(task.train_step, phase="main"),
+                                        (state, batch, consts), donate_argnums=0)
+    run = common.jax_runner(compiled, {"s": state}, (batch, consts))
+    for _ in range(a.warmup):
+        run()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    run()
+    step_s = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(a.steps):
+                run()
+        trace = json.load(gzip.open(glob.glob(f"{tmp}/**/perfetto_trace.json.gz",
+                                              recursive=True)[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    index = _hlo_index(compiled.as_text())
+    by_kind, by_block = collections.Counter(), collections.defaultdict(collections.Counter)
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in index:
+            op_name, kinds = index[e["name"]]
+            ms = e.get("dur", 0) / 1e3 / a.steps
+            kind = _kind(e["name"], op_name, kinds)
+            by_kind[kind] += ms
+            block = _BLOCK.search(op_name)
+            by_block[block.group(1) if block else "(outside the UNet)"][kind] += ms
+    total = sum(by_kind.values())
+
+    info = common.machine_info(load0)
+    print(f"train step: {a.config} width {a.width}, batch {a.batch}, "
+          f"{a.size}x{a.size}x{a.channels}, {a.dtype}, conv {applied}; "
+          f"step {step_s * 1e3:.0f} ms untraced, {faults} minor page faults per step")
+    kind_rows = [{"kind": k, "ms": v, "share": 100 * v / total} for k, v in by_kind.most_common()]
+    common.print_table([("kind", "kind", ""), ("ms", "ms/step", ".1f"), ("share", "%", ".1f")],
+                       kind_rows)
+    block_rows = sorted(({"block": b, "ms": sum(c.values()),
+                          "top": ", ".join(f"{k} {v:.0f}" for k, v in c.most_common(2))}
+                         for b, c in by_block.items()), key=lambda r: -r["ms"])[:a.top]
+    common.print_table([("block", "block", ""), ("ms", "ms/step", ".1f"),
+                        ("top", "largest kinds (ms)", "")], block_rows)
+    common.print_machine(info)
+    if a.json:
+        common.write_json(a.json, {"args": vars(a), "step_ms": step_s * 1e3,
+                                   "page_faults": faults, "by_kind": kind_rows,
+                                   "by_block": block_rows, "machine": info})
+
+
+if __name__ == "__main__":
+    main()
