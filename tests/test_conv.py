@@ -76,8 +76,11 @@ def test_bfloat16_compute_keeps_float32_parameter_gradients():
 
 
 def test_weight_gradient_selection():
-    assert conv.resolve_weight_grad("auto") == ("gemm" if jax.default_backend() == "cpu"
-                                                else "xla")
+    cpu = jax.default_backend() == "cpu"
+    assert conv.resolve_weight_grad("auto") == ("gemm" if cpu else "xla")
+    assert conv.resolve_weight_grad("auto", conv.AUTO_GEMM_MIN_ROWS) == ("gemm" if cpu else "xla")
+    assert conv.resolve_weight_grad("auto", conv.AUTO_GEMM_MIN_ROWS - 1) == "xla"
+    assert conv.resolve_weight_grad("gemm", 1) == "gemm"
     conv.set_default_weight_grad("xla")
     assert conv.resolve_weight_grad(None) == "xla"
     assert conv.resolve_weight_grad("gemm") == "gemm"  # the module field wins
