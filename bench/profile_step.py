@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--top", type=int, default=12, help="rows of the per-block table")
+    p.add_argument("--ops", default="", help="also list the slowest thunks of this block "
+                   "(e.g. input_blocks_4_1; '(outside the UNet)' for the rest)")
     common.add_common_args(p, steps=2, warmup=2, torch=False)
     return p.parse_args(argv)
 
@@ -120,6 +122,7 @@ def main(argv=None):
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     index = _hlo_index(compiled.as_text())
     by_kind, by_block = collections.Counter(), collections.defaultdict(collections.Counter)
+    by_thunk = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("name") in index:
             op_name, kinds = index[e["name"]]
@@ -127,7 +130,10 @@ def main(argv=None):
             kind = _kind(e["name"], op_name, kinds)
             by_kind[kind] += ms
             block = _BLOCK.search(op_name)
-            by_block[block.group(1) if block else "(outside the UNet)"][kind] += ms
+            block = block.group(1) if block else "(outside the UNet)"
+            by_block[block][kind] += ms
+            if block == a.ops:
+                by_thunk[(e["name"], kind, op_name.split("/")[-1][:60])] += ms
     total = sum(by_kind.values())
 
     info = common.machine_info(load0)
@@ -142,6 +148,11 @@ def main(argv=None):
                          for b, c in by_block.items()), key=lambda r: -r["ms"])[:a.top]
     common.print_table([("block", "block", ""), ("ms", "ms/step", ".1f"),
                         ("top", "largest kinds (ms)", "")], block_rows)
+    if a.ops:
+        thunk_rows = [{"thunk": n, "kind": k, "op": o, "ms": v}
+                      for (n, k, o), v in by_thunk.most_common(a.top)]
+        common.print_table([("thunk", "thunk", ""), ("kind", "kind", ""), ("op", "op", ""),
+                            ("ms", "ms/step", ".1f")], thunk_rows)
     common.print_machine(info)
     if a.json:
         common.write_json(a.json, {"args": vars(a), "step_ms": step_s * 1e3,

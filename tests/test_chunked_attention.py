@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.models.attention import attention
-from ldm_jax.models.chunked_attention import chunked_attention, query_chunk
+from ldm_jax.models.chunked_attention import chunked_attention, group_chunk, query_chunk
 
 
 def _reference64(q, k, v, cotangent):
@@ -41,6 +41,27 @@ def test_query_chunk_rule():
     assert query_chunk(12, 10, max_block_elements=40) == 4     # largest divisor of 12 <= 4
     assert query_chunk(7, 1000, max_block_elements=2000) == 1  # prime length: single rows
     assert query_chunk(4096, 77) == 4096                       # cross-attention to a context
+
+
+def test_group_chunk_rule():
+    assert group_chunk(16, 1 << 20) == 16                      # CPU benchmark: one step
+    assert group_chunk(48 * 14, 1 << 20) == 16                 # paper batch: 42 steps of 16
+    assert group_chunk(6, 10, max_step_elements=45) == 3       # largest divisor of 6 <= 4
+    assert group_chunk(7, 10, max_step_elements=45) == 1       # prime: one pair per step
+    assert group_chunk(5, 1000, max_step_elements=10) == 1     # a block above the budget alone
+
+
+@pytest.mark.parametrize("max_block,max_step", [(1 << 20, 24 * 24 * 2), (100, 200),
+                                                (1 << 20, 1)])
+def test_group_chunking_matches_float64(max_block, max_step):
+    q, k, v, g = _inputs(24, 24, heads=3, batch=2)
+    fn = lambda q, k, v: chunked_attention(q, k, v, max_block_elements=max_block,
+                                           max_step_elements=max_step)
+    out, vjp = jax.vjp(fn, q, k, v)
+    ref_out, ref_grads = _reference64(q, k, v, g)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=2e-6)
+    for got, want in zip(vjp(g), ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("lq,lk,max_block", [(24, 24, 1 << 20), (24, 24, 100), (30, 11, 60),
@@ -103,3 +124,22 @@ def test_backward_keeps_no_score_matrix():
     chunked = temp_bytes(lambda *a: chunked_attention(*a, max_block_elements=256 * 2048))
     assert xla >= scores, xla
     assert chunked < scores / 2, (chunked, scores)
+
+
+def test_many_heads_walked_in_groups_keep_less_memory():
+    """Batch x heads score blocks that are small one by one but large together (the paper's
+    batch sizes) are walked in groups: the gradient's temporaries drop below one full score
+    tensor."""
+    q, k, v, g = _inputs(256, 256, heads=8, d=8, batch=8)
+
+    def temp_bytes(max_step):
+        fn = lambda q, k, v: chunked_attention(q, k, v, max_step_elements=max_step)
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v) * g)
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    scores = 64 * 256 * 256 * 4                                   # float32 [64, 256, 256]
+    whole = temp_bytes(1 << 30)
+    grouped = temp_bytes(8 * 256 * 256)
+    assert whole >= scores, whole
+    assert grouped < scores / 2, (grouped, scores)

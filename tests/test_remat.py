@@ -119,6 +119,28 @@ def test_full_remat_reduces_compiled_temp_memory():
     assert 0 < full < nothing, (full, nothing)
 
 
+def test_full_remat_cuts_a_three_level_unet_step_threefold():
+    """The decoder's skip concatenation lives inside the rematerialised ResBlock (its two
+    inputs are stored, not a concatenated copy) and its backward pass materialises the two
+    gradient halves at once, so the block's full-width gradient dies with the block: 3.09x
+    here, 2.78x with the concatenation in the caller (measured, XLA:CPU)."""
+    fields = dict(in_channels=3, out_channels=3, model_channels=32, num_res_blocks=2,
+                  attention_resolutions=(2,), channel_mult=(1, 2, 2), num_head_channels=16)
+    x = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((16,), jnp.int32)
+    params = jax.eval_shape(lambda x, t: UNetModel(**fields).init(jax.random.key(0), x, t),
+                            x, t)["params"]
+
+    def temp_bytes(remat):
+        model = UNetModel(**fields, remat=remat)
+        loss = lambda p, x, t: jnp.mean(model.apply({"params": p}, x, t) ** 2)
+        compiled = jax.jit(jax.grad(loss)).lower(params, x, t).compile(compiler_options())
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    nothing, full = temp_bytes("nothing"), temp_bytes("full")
+    assert nothing / full >= 2.95, (nothing, full)
+
+
 def test_first_stage_remat_same_params_and_gradients():
     from ldm_jax.models.autoencoder import make_first_stage
     from ldm_jax.storage.first_stage import model_config_hash

@@ -12,6 +12,7 @@ Layout of the parameter tree (chosen so reference checkpoints map by name):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -87,6 +88,26 @@ class Downsample(nn.Module):
         return _avg_pool(x)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _concat_skip(h: jax.Array, skip: jax.Array, split: int) -> jax.Array:
+    """[h, skip] along the channels. Its backward pass materialises the two gradient halves
+    at once: otherwise XLA fuses the split into their consumers, and the skip half's consumer
+    is the encoder block's backward pass, so the decoder block's full-width gradient buffers
+    stay alive until then (2.1 GB of the f4_celebahq batch-48 remat peak, measured)."""
+    return jnp.concatenate([h, skip], axis=-1)
+
+
+def _concat_skip_fwd(h, skip, split):
+    return _concat_skip(h, skip, split), None
+
+
+def _concat_skip_bwd(split, _, g):
+    return jax.lax.optimization_barrier((g[..., :split], g[..., split:]))
+
+
+_concat_skip.defvjp(_concat_skip_fwd, _concat_skip_bwd)
+
+
 class ResBlock(nn.Module):
     """Residual block conditioned on the (time [+ class]) embedding.
 
@@ -105,7 +126,13 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False,
+                 skip: Optional[jax.Array] = None) -> jax.Array:
+        # The decoder's skip concatenation happens here, not in the caller: under remat the
+        # block then stores its two inputs (the skip tensor is the encoder's stored output
+        # anyway) instead of a third, concatenated copy of both.
+        if skip is not None:
+            x = _concat_skip(x, skip.astype(x.dtype), x.shape[-1])
         out_ch = self.out_channels
         h = nn.silu(group_norm(x, "in_norm"))
         if self.up:
@@ -269,9 +296,8 @@ class UNetModel(nn.Module):
         block = 0
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
                 ch = mult * mc
-                h = self._resblock(ch, f"output_blocks_{block}_0")(h, emb, train)
+                h = self._resblock(ch, f"output_blocks_{block}_0")(h, emb, train, skips.pop())
                 layer = 1
                 if ds in attn_res:
                     h = self._attention(ch, f"output_blocks_{block}_{layer}")(h, context, train)
