@@ -25,6 +25,8 @@ GPU/TPU allocator (fragmentation, cuDNN/cuBLAS workspaces, fusion differences). 
 compile passes `ldm_jax.models.remat.compiler_options()`, which keeps the optimization barriers
 that stop XLA:CPU from merging the recomputation back into the forward pass (its GPU/TPU
 pipelines keep them anyway); without it every policy would compile to the 'nothing' program.
+XLA:CPU also widens most bfloat16 buffers to float32 in its optimisation passes, so its
+bfloat16 rows overstate what a GPU/TPU needs.
 
 Usage:
   JAX_PLATFORMS=cpu python bench/memory.py                                 # both paper rows
@@ -67,7 +69,7 @@ FIELDS = ("argument", "output", "alias", "temp", "code")
 # --conv_weight_grad; 'xla' by default: what GPU/TPU run under 'auto'. On CPU 'auto' is 'gemm',
 # whose im2col matrices (kh*kw x each conv input) XLA:CPU may keep alive together in the
 # backward pass.
-CONV_WEIGHT_GRAD = ["xla"]
+DEFAULT_CONV_WEIGHT_GRAD = "xla"
 GB = 1e9
 
 
@@ -80,12 +82,12 @@ def load_config(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _task(name: str, remat: str, dtype: str):
+def _task(name: str, remat: str, dtype: str, conv_weight_grad: str):
     """The diffusion task of a config (synthetic latent context: no data, no first stage) and
     its abstract train state."""
     config = load_config(name)
-    config.conv_weight_grad = CONV_WEIGHT_GRAD[0]
-    conv.set_default_weight_grad(CONV_WEIGHT_GRAD[0])
+    config.conv_weight_grad = conv_weight_grad
+    conv.set_default_weight_grad(conv_weight_grad)
     config.model.remat = remat
     config.dtype = dtype
     row = MODELS[name]
@@ -111,12 +113,13 @@ def _abstract_batch(task, batch: int) -> dict:
 _CACHE: dict = {}
 
 
-def measure(name: str, remat: str, dtype: str, batch: int) -> dict:
+def measure(name: str, remat: str, dtype: str, batch: int,
+            conv_weight_grad: str = DEFAULT_CONV_WEIGHT_GRAD) -> dict:
     """Compiled memory of one train step (cached by its arguments)."""
-    key = (name, remat, dtype, batch)
+    key = (name, remat, dtype, batch, conv_weight_grad)
     if key in _CACHE:
         return _CACHE[key]
-    task, state = _task(name, remat, dtype)
+    task, state = _task(name, remat, dtype, conv_weight_grad)
     constants = jax.eval_shape(task.constants)
     step = jax.jit(functools.partial(task.train_step, phase="main"), donate_argnums=0)
     start = time.perf_counter()
@@ -125,7 +128,7 @@ def measure(name: str, remat: str, dtype: str, batch: int) -> dict:
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     row = {"config": name, "remat": remat, "dtype": dtype, "batch": batch,
-           "conv_weight_grad": CONV_WEIGHT_GRAD[0],
+           "conv_weight_grad": conv_weight_grad,
            "argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
            "alias": stats.alias_size_in_bytes, "temp": stats.temp_size_in_bytes,
            "code": stats.generated_code_size_in_bytes, "compile_s": round(seconds, 1)}
@@ -138,10 +141,11 @@ def measure(name: str, remat: str, dtype: str, batch: int) -> dict:
 
 
 def largest_batch(name: str, remat: str, dtype: str, start: int, budget: float,
-                  max_batch: int) -> tuple[int, bool]:
+                  max_batch: int,
+                  conv_weight_grad: str = DEFAULT_CONV_WEIGHT_GRAD) -> tuple[int, bool]:
     """Largest batch <= max_batch whose total fits `budget` bytes (doubling from `start`, then
     bisection); (0, False) if even batch 1 does not fit. The flag says the cap was reached."""
-    fits = lambda b: measure(name, remat, dtype, b)["total"] <= budget
+    fits = lambda b: measure(name, remat, dtype, b, conv_weight_grad)["total"] <= budget
     start = max(1, min(start, max_batch))
     if not fits(start):
         low, high = 0, start  # fits(low) (0 trivially), not fits(high)
@@ -161,7 +165,7 @@ def largest_batch(name: str, remat: str, dtype: str, start: int, budget: float,
         # Memory is close to affine in the batch: try the batch where the line through the two
         # bracketing measurements meets the budget (regula falsi), kept strictly inside the
         # bracket; then its neighbour on the other side closes the bracket in ~2 compiles.
-        total = lambda b: measure(name, remat, dtype, b)["total"]
+        total = lambda b: measure(name, remat, dtype, b, conv_weight_grad)["total"]
         slope = (total(high) - total(low)) / (high - low)
         guess = low + int((budget - total(low)) // slope) if slope > 0 else (low + high) // 2
         mid = min(max(guess, low + 1), high - 1)
@@ -218,11 +222,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_batch", type=int, default=1024,
                         help="cap of the --search (a '+' marks a result that reached it)")
     parser.add_argument("--json", default="", help="write the rows here")
-    parser.add_argument("--conv_weight_grad", choices=("xla", "gemm"), default="xla",
+    parser.add_argument("--conv_weight_grad", choices=("xla", "gemm"),
+                        default=DEFAULT_CONV_WEIGHT_GRAD,
                         help="config.conv_weight_grad of the measured step (default xla: the "
                              "accelerators' formulation; gemm: CPU's 'auto')")
     args = parser.parse_args(argv)
-    CONV_WEIGHT_GRAD[0] = args.conv_weight_grad
+    wgrad = args.conv_weight_grad
 
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in MODELS]
@@ -247,10 +252,11 @@ def main(argv=None) -> dict:
     for name in names:
         for dtype in dtypes:
             for remat in remats:
-                row = dict(measure(name, remat, dtype, batches[name]))
+                row = dict(measure(name, remat, dtype, batches[name], wgrad))
                 if args.search:
                     row["largest_batch"], row["capped"] = largest_batch(
-                        name, remat, dtype, batches[name], args.budget_gb * GB, args.max_batch)
+                        name, remat, dtype, batches[name], args.budget_gb * GB, args.max_batch,
+                        wgrad)
                     row["budget_gb"] = args.budget_gb
                 rows.append(row)
     text = table(rows)
