@@ -190,3 +190,38 @@ def test_resume_ignores_remat():
     assert _defining("model", dict(saved, remat="dots")) == _defining("model",
                                                                       dict(saved, remat="full"))
     assert _defining("model", saved) != _defining("model", dict(saved, model_channels=64))
+
+
+def test_jointly_trained_text_transformer_follows_the_remat_policy():
+    """LDMBert (trained with the UNet: its activations are stored in the same step) wraps each
+    layer in the UNet's policy: same parameters, same gradients, less memory under 'full'.
+    make_condition hands it config.model.remat."""
+    from conftest import smoke_config
+    from ldm_jax.conditioning import encoders
+    from ldm_jax.conditioning.ldm_bert import LDMBert
+
+    fields = dict(vocab_size=50, max_length=16, width=32, depth=3, heads=2, dim_head=16)
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 50)
+    params = LDMBert(**fields).init(jax.random.key(0), tokens)["params"]
+
+    def grads_and_temp(remat):
+        module = LDMBert(**fields, remat=remat)
+        assert jax.tree_util.tree_structure(
+            module.init(jax.random.key(0), tokens)["params"]) == \
+            jax.tree_util.tree_structure(params)
+        loss = lambda p: jnp.mean(module.apply({"params": p}, tokens) ** 2)
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile(compiler_options())
+        return compiled(params), compiled.memory_analysis().temp_size_in_bytes
+
+    grads_nothing, temp_nothing = grads_and_temp("nothing")
+    grads_full, temp_full = grads_and_temp("full")
+    for a, b in zip(jax.tree_util.tree_leaves(grads_full),
+                    jax.tree_util.tree_leaves(grads_nothing)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert temp_full < temp_nothing, (temp_full, temp_nothing)
+    with pytest.raises(ValueError, match="LDMBert.remat"):
+        LDMBert(**fields, remat="some").init(jax.random.key(0), tokens)
+
+    config = smoke_config("txt2img_1p4b.py", "model.remat=full")
+    assert encoders.make_condition(config).module.remat == "full"
+    assert encoders.make_condition(smoke_config("txt2img_1p4b.py")).module.remat == "nothing"

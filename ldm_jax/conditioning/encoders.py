@@ -442,10 +442,14 @@ def make_condition(config, *, num_classes: int = 0, latents=None, kind: str | No
         return ClassCondition(kind, config.model.num_classes)
     if kind == "class_crossattn":
         return ClassCondition(kind, cfg.num_embed_classes, context_dim=config.model.context_dim)
-    if kind == "text":
-        return TextCondition(cfg)
-    if kind == "layout":
-        return LayoutCondition(cfg, cfg.num_layout_classes or num_classes)
+    if kind in ("text", "layout"):
+        cond = (TextCondition(cfg) if kind == "text"
+                else LayoutCondition(cfg, cfg.num_layout_classes or num_classes))
+        module = getattr(cond, "module", None)
+        if module is not None and hasattr(module, "remat"):
+            # A jointly trained transformer follows the UNet's remat policy.
+            cond.module = module.clone(remat=config.model.get("remat", "nothing"))
+        return cond
     raise ConfigError(f"config.conditioning.kind={kind!r}: use one of {KINDS}.")
 
 

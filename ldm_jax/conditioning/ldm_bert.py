@@ -36,6 +36,7 @@ import numpy as np
 
 from ldm_jax.convert.common import ConversionError, from_flax, leaf, to_flax
 from ldm_jax.models.attention import torch_default_init
+from ldm_jax.models.remat import check_remat, remat_block
 from ldm_jax.storage.weights_io import MissingWeightsError, load_safetensors
 
 Dtype = Any
@@ -217,6 +218,10 @@ class LDMBert(nn.Module):
     coord_offset: int = 0
     coord_grid: int = 0
     coord_frequencies: int = 0
+    # Per-layer rematerialisation (ldm_jax/models/remat.py); the stage-2 task sets it to
+    # config.model.remat, since this network is trained jointly with the UNet and its stored
+    # activations count in the same step. Parameter names do not depend on it.
+    remat: str = "nothing"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -240,9 +245,10 @@ class LDMBert(nn.Module):
                              param_dtype=jnp.float32, name="pos_emb")(
                                  jnp.arange(tokens.shape[1]))
         x = (x + positions[None]).astype(self.dtype)
+        layer = remat_block(LDMBertLayer, check_remat(self.remat, "LDMBert.remat"))
         for i in range(self.depth):
-            x = LDMBertLayer(self.width, self.heads, self.dim_head, self.ff_mult,
-                             dtype=self.dtype, name=f"layers_{i}")(x)
+            x = layer(self.width, self.heads, self.dim_head, self.ff_mult, dtype=self.dtype,
+                      name=f"layers_{i}")(x)
         return torch_layer_norm(x, "norm", 1e-5).astype(jnp.float32)
 
 
