@@ -168,7 +168,7 @@ class TextCondition(_TokenCondition):
                 f"text_encoder={cfg.text_encoder!r}; set precompute_context=False.")
         return True
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, remat: str = "nothing"):
         super().__init__()
         from ldm_jax.conditioning import tokenizers
         if cfg.text_encoder not in TEXT_ENCODERS:
@@ -187,7 +187,7 @@ class TextCondition(_TokenCondition):
             from ldm_jax.conditioning.ldm_bert import LDMBert
             self.module = LDMBert(vocab_size=self.tokenizer.vocab_size, max_length=cfg.max_length,
                                   width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                                  dim_head=cfg.dim_head)
+                                  dim_head=cfg.dim_head, remat=remat)
             self.context_dim = int(cfg.width)
         else:
             if not cfg.encoder_path:
@@ -343,7 +343,7 @@ class LayoutCondition(_TokenCondition):
 
     kind = "layout"
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg, num_classes: int, remat: str = "nothing"):
         super().__init__()
         from ldm_jax.conditioning.layout import LayoutTokenizer
         from ldm_jax.conditioning.ldm_bert import LDMBert
@@ -355,7 +355,8 @@ class LayoutCondition(_TokenCondition):
                               width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                               dim_head=cfg.dim_head, coord_offset=self.tokenizer.coord_offset,
                               coord_grid=self.tokenizer.grid,
-                              coord_frequencies=cfg.get("layout_coord_frequencies", 0))
+                              coord_frequencies=cfg.get("layout_coord_frequencies", 0),
+                              remat=remat)
         self.context_dim = int(cfg.width)
 
     def identity(self) -> dict:
@@ -442,14 +443,12 @@ def make_condition(config, *, num_classes: int = 0, latents=None, kind: str | No
         return ClassCondition(kind, config.model.num_classes)
     if kind == "class_crossattn":
         return ClassCondition(kind, cfg.num_embed_classes, context_dim=config.model.context_dim)
-    if kind in ("text", "layout"):
-        cond = (TextCondition(cfg) if kind == "text"
-                else LayoutCondition(cfg, cfg.num_layout_classes or num_classes))
-        module = getattr(cond, "module", None)
-        if module is not None and hasattr(module, "remat"):
-            # A jointly trained transformer follows the UNet's remat policy.
-            cond.module = module.clone(remat=config.model.get("remat", "nothing"))
-        return cond
+    # The jointly trained transformer (LDMBert) follows the UNet's remat policy.
+    remat = config.model.get("remat", "nothing")
+    if kind == "text":
+        return TextCondition(cfg, remat=remat)
+    if kind == "layout":
+        return LayoutCondition(cfg, cfg.num_layout_classes or num_classes, remat=remat)
     raise ConfigError(f"config.conditioning.kind={kind!r}: use one of {KINDS}.")
 
 

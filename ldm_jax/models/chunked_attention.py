@@ -142,26 +142,22 @@ def _backward_groups(q, k, v, o, lse, do, scale, q_chunk):
     return jax.lax.fori_loop(0, q.shape[1] // q_chunk, body, (dq, dk, dv))
 
 
-def _over_group_chunks(fn, g_chunk, *arrays):
-    """fn(*arrays) computed `g_chunk` groups at a time (one call when it covers them all)."""
-    return _map_chunks(fn, g_chunk, 0, *arrays)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _grouped_attention(q, k, v, scale, q_chunk, g_chunk):
     return _forward(q, k, v, scale, q_chunk, g_chunk)[0]
 
 
 def _forward(q, k, v, scale, q_chunk, g_chunk):
-    o, lse = _over_group_chunks(lambda q, k, v: _forward_groups(q, k, v, scale, q_chunk),
-                                g_chunk, q, k, v)
+    # g_chunk (batch, head) pairs at a time (one call when it covers them all).
+    o, lse = _map_chunks(lambda q, k, v: _forward_groups(q, k, v, scale, q_chunk),
+                         g_chunk, 0, q, k, v)
     return o.astype(q.dtype), (q, k, v, o, lse)
 
 
 def _backward(scale, q_chunk, g_chunk, residuals, do):
     q, k, v, o, lse = residuals
-    dq, dk, dv = _over_group_chunks(
-        lambda *xs: _backward_groups(*xs, scale, q_chunk), g_chunk, q, k, v, o, lse, do)
+    dq, dk, dv = _map_chunks(lambda *xs: _backward_groups(*xs, scale, q_chunk),
+                             g_chunk, 0, q, k, v, o, lse, do)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
