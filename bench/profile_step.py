@@ -148,6 +148,9 @@ def main(argv=None):
                          for b, c in by_block.items()), key=lambda r: -r["ms"])[:a.top]
     common.print_table([("block", "block", ""), ("ms", "ms/step", ".1f"),
                         ("top", "largest kinds (ms)", "")], block_rows)
+    if a.ops and a.ops not in by_block:
+        sys.exit(f"--ops {a.ops!r}: no such block in this step; use one of "
+                 f"{sorted(by_block)}")
     if a.ops:
         thunk_rows = [{"thunk": n, "kind": k, "op": o, "ms": v}
                       for (n, k, o), v in by_thunk.most_common(a.top)]
