@@ -272,7 +272,8 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     # Class embedding size: classes + 1 (the null label for guidance); 0 = no embedding, or
     # derived from the data when conditioning.kind='class'.
     m.num_classes = 0
-    m.attention_impl = ml_collections.config_dict.placeholder(str)  # None | 'chunked' | 'xla' | 'cudnn'.
+    # None (per backend) | 'cpu_fused' | 'chunked' | 'xla' | 'cudnn' (docs/performance.md).
+    m.attention_impl = ml_collections.config_dict.placeholder(str)
     # > 0: every SpatialTransformer adds a learned projection of F-frequency Fourier features of
     # each position (fractions of the map) before its blocks, so cross-attention queries know
     # where they are (layouts). Not in the reference models: 0 for anything converted.

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ldm_jax.kernels import cpu_attention
 from ldm_jax.models.chunked_attention import chunked_attention
 from ldm_jax.models.conv import Conv
 
@@ -31,7 +32,20 @@ Dtype = Any
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 zeros_init = nn.initializers.zeros
 
-IMPLEMENTATIONS = (None, "chunked", "xla", "cudnn")
+IMPLEMENTATIONS = (None, "cpu_fused", "chunked", "xla", "cudnn")
+
+
+def default_implementation(dtype) -> str:
+    """What `implementation=None` runs for inputs of `dtype` in this process."""
+    backend = jax.default_backend()
+    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        return "auto"
+    # The fused CPU kernel is a custom call, which XLA's partitioner cannot split over a mesh:
+    # with several devices it would gather every operand, so it is only the default on one.
+    if backend == "cpu" and jax.device_count() == 1 and cpu_attention.available():
+        return "cpu_fused"
+    return "chunked"
+
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -42,14 +56,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       q: queries [B, Lq, heads, d].
       k, v: keys / values [B, Lk, heads, d] (same dtype as ``q``).
       implementation:
+        'cpu_fused': a fused C++ kernel for XLA:CPU (ldm_jax/kernels/cpu_attention.cc, built
+          with the system compiler on first use): the same recurrence as 'chunked' with each
+          block of scores kept in cache; float32 inside. One CPU device: with several, XLA
+          gathers its operands onto every device.
         'chunked': ldm_jax's own (models/chunked_attention.py): heads-major matmuls, the
           probabilities recomputed in the backward pass instead of stored, queries chunked when
           the score matrix is large. Fastest on CPU and the least memory on every backend.
         'xla': `jax.nn.dot_product_attention`'s portable implementation (stores the
           probabilities).
         'cudnn': cuDNN's fused flash attention on NVIDIA GPUs (float16/bfloat16 inputs).
-        None (default): 'chunked', except on a GPU with float16/bfloat16 inputs, where
-          `jax.nn.dot_product_attention` picks (cuDNN when it supports the shapes).
+        None (default): 'cpu_fused' on a single CPU device when the kernel builds, `jax.nn.
+          dot_product_attention`'s choice (cuDNN when it supports the shapes) on a GPU with
+          float16/bfloat16 inputs, 'chunked' otherwise.
 
     Returns:
       [B, Lq, heads, d] in the dtype of ``q``. The softmax is computed in float32 whatever the
@@ -63,7 +82,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         raise ValueError("attention implementation 'cudnn' requires bfloat16/float16 inputs "
                          f"(got {q.dtype}); set the model dtype to bfloat16 or use 'chunked'")
     if implementation is None:
-        implementation = "auto" if half and jax.default_backend() == "gpu" else "chunked"
+        implementation = default_implementation(q.dtype)
+    if implementation == "cpu_fused":
+        if jax.default_backend() != "cpu":
+            raise ValueError("attention implementation 'cpu_fused' runs on CPU only (backend is "
+                             f"{jax.default_backend()!r}); use 'chunked' or None")
+        return cpu_attention.cpu_fused_attention(q, k, v)
     if implementation == "chunked":
         return chunked_attention(q, k, v)
     return jax.nn.dot_product_attention(

@@ -1,0 +1,443 @@
+// Fused scaled dot-product attention for XLA:CPU (forward and backward), as XLA FFI handlers.
+//
+// Why: on CPU, XLA runs attention as separate batched matmuls with passes over a materialised
+// [Lq, Lk] score matrix between them (softmax, its backward), each pass a trip through memory.
+// Here every (batch x head, block of queries) keeps its score rows in cache from the matmul
+// through the softmax to the next matmul, the flash-attention recurrence of
+// ldm_jax/models/chunked_attention.py (same residuals: q, k, v, output, log-sum-exp).
+//
+// Layout: q [..., Lq, d], k [..., Lk, d], v [..., Lk, dv], float32, row-major; the leading
+// dimensions are flattened into G independent (batch x head) groups. Work is spread over
+// XLA's intra-op thread pool; the calling thread takes part, so the call never waits on a
+// pool that is busy elsewhere.
+//
+// The GEMM microkernels use GCC/Clang vector extensions (16 floats): with -march=native they
+// compile to AVX-512 where the CPU has it and to pairs of AVX2 registers elsewhere.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+inline vf splat(float x) { return vf{} + x; }
+
+// exp for x <= ~0 (all our arguments): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6
+// polynomial (relative error ~2e-7); arguments below -87 flush to 0.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.0f);
+  vi under = x < lo;
+  x = x < lo ? lo : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer.
+  vf t = x * splat(1.44269504088896341f) + magic;
+  vi n = reinterpret_cast<vi&>(t) - reinterpret_cast<const vi&>(magic);
+  vf nf = t - magic;
+  vf r = x - nf * splat(0.693145751953125f);
+  r = r - nf * splat(1.428606765330187045e-06f);
+  vf p = splat(1.0f / 720) * r + splat(1.0f / 120);
+  p = p * r + splat(1.0f / 24);
+  p = p * r + splat(1.0f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  vi bits = (n + 127) << 23;
+  vf scale = reinterpret_cast<vf&>(bits);
+  vf out = p * scale;
+  return under ? splat(0.0f) : out;
+}
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// C[r][c] (=|+=) sum_k A[r][k] * B[k][c] for r < R, c < NV * 16: A rows strided by lda,
+// B rows by ldb (B is read a row of NV vectors at a time), C rows by ldc.
+template <int R, int NV, bool kAccumulate>
+inline void micro_ab(const float* A, int lda, const float* B, int ldb, int K, float* C,
+                     int ldc) {
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = kAccumulate ? load(C + r * ldc + j * kLanes) : vf{};
+  for (int k = 0; k < K; ++k) {
+    vf b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + j * kLanes);
+    for (int r = 0; r < R; ++r) {
+      vf a = splat(A[r * lda + k]);
+      for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) store(C + r * ldc + j * kLanes, acc[r][j]);
+}
+
+// C [M, N] (=|+=) A [M, K] @ B [K, N]; N a multiple of 16, any M.
+template <bool kAccumulate>
+void gemm_ab(const float* A, int lda, const float* B, int ldb, int M, int N, int K, float* C,
+             int ldc) {
+  int c = 0;
+  for (; c + 2 * kLanes <= N; c += 2 * kLanes) {
+    int r = 0;
+    for (; r + 8 <= M; r += 8)
+      micro_ab<8, 2, kAccumulate>(A + r * lda, lda, B + c, ldb, K, C + r * ldc + c, ldc);
+    for (; r < M; ++r)
+      micro_ab<1, 2, kAccumulate>(A + r * lda, lda, B + c, ldb, K, C + r * ldc + c, ldc);
+  }
+  for (; c < N; c += kLanes) {
+    int r = 0;
+    for (; r + 8 <= M; r += 8)
+      micro_ab<8, 1, kAccumulate>(A + r * lda, lda, B + c, ldb, K, C + r * ldc + c, ldc);
+    for (; r < M; ++r)
+      micro_ab<1, 1, kAccumulate>(A + r * lda, lda, B + c, ldb, K, C + r * ldc + c, ldc);
+  }
+}
+
+// C [N, P] += A^T @ B for A [M, N] (rows strided by lda), B [M, P]; P a multiple of 16.
+template <int R, int NV>
+inline void micro_atb(const float* A, int lda, const float* B, int ldb, int M, float* C,
+                      int ldc) {
+  vf acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = load(C + i * ldc + j * kLanes);
+  for (int m = 0; m < M; ++m) {
+    vf b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = load(B + m * ldb + j * kLanes);
+    for (int i = 0; i < R; ++i) {
+      vf a = splat(A[m * lda + i]);
+      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) store(C + i * ldc + j * kLanes, acc[i][j]);
+}
+
+void gemm_atb(const float* A, int lda, const float* B, int ldb, int M, int N, int P, float* C,
+              int ldc) {
+  int c = 0;
+  for (; c + 2 * kLanes <= P; c += 2 * kLanes) {
+    int i = 0;
+    for (; i + 8 <= N; i += 8) micro_atb<8, 2>(A + i, lda, B + c, ldb, M, C + i * ldc + c, ldc);
+    for (; i < N; ++i) micro_atb<1, 2>(A + i, lda, B + c, ldb, M, C + i * ldc + c, ldc);
+  }
+  for (; c < P; c += kLanes) {
+    int i = 0;
+    for (; i + 8 <= N; i += 8) micro_atb<8, 1>(A + i, lda, B + c, ldb, M, C + i * ldc + c, ldc);
+    for (; i < N; ++i) micro_atb<1, 1>(A + i, lda, B + c, ldb, M, C + i * ldc + c, ldc);
+  }
+}
+
+// dst [rows, ld] <- src [rows, cols] * scale (src rows `stride` apart), zero-padded to ld
+// columns (and to pad_rows rows).
+void pack_rows(const float* src, int rows, int cols, int64_t stride, float scale, float* dst,
+               int ld, int pad_rows) {
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < cols; ++c) dst[r * ld + c] = src[r * stride + c] * scale;
+    for (int c = cols; c < ld; ++c) dst[r * ld + c] = 0.0f;
+  }
+  std::memset(dst + static_cast<size_t>(rows) * ld, 0,
+              sizeof(float) * static_cast<size_t>(pad_rows - rows) * ld);
+}
+
+// dst [cols, ld] <- src [rows, cols]^T (src rows `stride` apart), zero-padded to ld columns
+// (ld >= rows).
+void pack_transposed(const float* src, int rows, int cols, int64_t stride, float* dst, int ld) {
+  for (int c = 0; c < cols; ++c) {
+    float* out = dst + static_cast<size_t>(c) * ld;
+    for (int r = 0; r < rows; ++r) out[r] = src[r * stride + c];
+    for (int r = rows; r < ld; ++r) out[r] = 0.0f;
+  }
+}
+
+// Operands are [batch, L, heads, width] (the model's layout, so no transposes around the
+// call); group g is (batch g / heads, head g % heads), its rows heads * width floats apart.
+struct Shape {
+  int64_t groups;
+  int heads, lq, lk, d, dv;
+  // Padded sizes: feature widths to whole vectors, keys to whole 32-wide tiles.
+  int dp, dvp, lkp;
+  int block;  // queries per block: the block's score rows stay in cache.
+};
+
+// Offset of row `row` of group g in a [batch, len, heads, width] operand.
+inline int64_t at(const Shape& s, int64_t g, int len, int row, int width) {
+  return ((g / s.heads * len + row) * s.heads + g % s.heads) * static_cast<int64_t>(width);
+}
+
+Shape make_shape(int64_t groups, int heads, int lq, int lk, int d, int dv) {
+  Shape s{groups, heads, lq, lk, d, dv, round_up(d, kLanes), round_up(dv, kLanes),
+          round_up(lk, 2 * kLanes), 0};
+  // About 256 KB of scores per block (two such buffers in the backward pass fit in L2).
+  s.block = std::max(8, std::min(64, (65536 / s.lkp) / 8 * 8));
+  return s;
+}
+
+// Runs fn(begin, end) over contiguous ranges covering [0, count), one range per thread (the
+// calling thread and the pool's): consecutive items of a range can share packed operands.
+template <typename Fn>
+void parallel_ranges(ffi::ThreadPool& pool, int64_t count, Fn fn) {
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, count));
+  if (threads == 1) {
+    fn(int64_t{0}, count);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next_range{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const int64_t ranges = threads;
+  auto work = [state, ranges, count, &fn]() {
+    for (;;) {
+      int64_t r = state->next_range.fetch_add(1);
+      if (r >= ranges) return;
+      fn(count * r / ranges, count * (r + 1) / ranges);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) {
+    // A helper that starts after all ranges are taken returns at once without touching fn.
+    pool.Schedule([state, ranges, work]() { work(); });
+  }
+  work();
+  while (state->done.load(std::memory_order_acquire) < ranges) std::this_thread::yield();
+}
+
+// Scores of one block of queries: S [rows, lkp] = Qs [rows, dp] @ Kt [dp, lkp], then
+// P = exp(S - m) with m the row max (forward) or the given log-sum-exp (backward); padded key
+// columns get probability 0. Returns nothing; row sums land in `sums` when given.
+void block_probabilities(const Shape& s, const float* qs, int rows, const float* kt, float* p,
+                         const float* lse, float* maxes, float* sums) {
+  gemm_ab<false>(qs, s.dp, kt, s.lkp, rows, s.lkp, s.dp, p, s.lkp);
+  for (int r = 0; r < rows; ++r) {
+    float* row = p + static_cast<size_t>(r) * s.lkp;
+    float m;
+    if (lse) {
+      m = lse[r];
+    } else {
+      int c = 0;
+      vf vmax = splat(-INFINITY);
+      for (; c + kLanes <= s.lk; c += kLanes) {
+        vf x = load(row + c);
+        vmax = x > vmax ? x : vmax;
+      }
+      m = -INFINITY;
+      for (int j = 0; j < kLanes; ++j) m = std::max(m, vmax[j]);
+      for (; c < s.lk; ++c) m = std::max(m, row[c]);
+      maxes[r] = m;
+    }
+    const vf vm = splat(m);
+    for (int c = 0; c < s.lkp; c += kLanes) store(row + c, vexp(load(row + c) - vm));
+    for (int c = s.lk; c < s.lkp; ++c) row[c] = 0.0f;
+    if (sums) {
+      vf total{};
+      for (int c = 0; c < s.lkp; c += kLanes) total += load(row + c);
+      float sum = 0.0f;
+      for (int j = 0; j < kLanes; ++j) sum += total[j];
+      sums[r] = sum;
+    }
+  }
+}
+
+ffi::Error check_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                        const ffi::AnyBuffer& v, Shape* shape) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (q.element_type() != ffi::F32 || k.element_type() != ffi::F32 ||
+      v.element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("ldm_attention: q, k, v must be float32");
+  if (qd.size() < 3 || kd.size() != qd.size() || vd.size() != qd.size())
+    return ffi::Error::InvalidArgument(
+        "ldm_attention: q, k, v must be [..., L, heads, width] of the same rank");
+  int64_t groups = 1;
+  for (size_t i = 0; i < qd.size(); ++i) {
+    if (i == qd.size() - 3 || i == qd.size() - 1) continue;
+    if (kd[i] != qd[i] || vd[i] != qd[i])
+      return ffi::Error::InvalidArgument("ldm_attention: leading dimensions differ");
+    groups *= qd[i];
+  }
+  size_t n = qd.size();
+  if (kd[n - 1] != qd[n - 1] || vd[n - 3] != kd[n - 3])
+    return ffi::Error::InvalidArgument("ldm_attention: q/k width or k/v length mismatch");
+  *shape = make_shape(groups, static_cast<int>(qd[n - 2]), static_cast<int>(qd[n - 3]),
+                      static_cast<int>(kd[n - 3]), static_cast<int>(qd[n - 1]),
+                      static_cast<int>(vd[n - 1]));
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                            ffi::AnyBuffer v, float scale, ffi::Result<ffi::AnyBuffer> out,
+                            ffi::Result<ffi::AnyBuffer> lse_out) {
+  Shape s;
+  if (ffi::Error e = check_inputs(q, k, v, &s); e.failure()) return e;
+  const float* qp = q.typed_data<float>();
+  const float* kp = k.typed_data<float>();
+  const float* vp = v.typed_data<float>();
+  float* op = out->typed_data<float>();
+  float* lp = lse_out->typed_data<float>();
+  const int blocks = (s.lq + s.block - 1) / s.block;
+  const int64_t kstride = static_cast<int64_t>(s.heads) * s.d, vstride =
+      static_cast<int64_t>(s.heads) * s.dv;
+  parallel_ranges(pool, s.groups * blocks, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(static_cast<size_t>(s.dp) * s.lkp),
+        vpad(static_cast<size_t>(s.lkp) * s.dvp), qs(static_cast<size_t>(s.block) * s.dp),
+        p(static_cast<size_t>(s.block) * s.lkp), o(static_cast<size_t>(s.block) * s.dvp),
+        maxes(s.block), sums(s.block);
+    int64_t packed_group = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / blocks;
+      const int q0 = static_cast<int>(item % blocks) * s.block;
+      const int rows = std::min(s.block, s.lq - q0);
+      if (packed_group != g) {  // keys and values packed once per group and thread
+        pack_transposed(kp + at(s, g, s.lk, 0, s.d), s.lk, s.d, kstride, kt.data(), s.lkp);
+        pack_rows(vp + at(s, g, s.lk, 0, s.dv), s.lk, s.dv, vstride, 1.0f, vpad.data(), s.dvp,
+                  s.lkp);
+        packed_group = g;
+      }
+      pack_rows(qp + at(s, g, s.lq, q0, s.d), rows, s.d, kstride, scale, qs.data(), s.dp, rows);
+      block_probabilities(s, qs.data(), rows, kt.data(), p.data(), nullptr, maxes.data(),
+                          sums.data());
+      gemm_ab<false>(p.data(), s.lkp, vpad.data(), s.dvp, rows, s.dvp, s.lkp, o.data(), s.dvp);
+      for (int r = 0; r < rows; ++r) {
+        const float inv = 1.0f / sums[r];
+        float* dst = op + at(s, g, s.lq, q0 + r, s.dv);
+        for (int c = 0; c < s.dv; ++c) dst[c] = o[static_cast<size_t>(r) * s.dvp + c] * inv;
+        lp[g * s.lq + q0 + r] = maxes[r] + std::log(sums[r]);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                             ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer lse,
+                             ffi::AnyBuffer dout, float scale, ffi::Result<ffi::AnyBuffer> dq,
+                             ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv) {
+  Shape s;
+  if (ffi::Error e = check_inputs(q, k, v, &s); e.failure()) return e;
+  const float* qp = q.typed_data<float>();
+  const float* kp = k.typed_data<float>();
+  const float* vp = v.typed_data<float>();
+  const float* opt = o.typed_data<float>();
+  const float* lp = lse.typed_data<float>();
+  const float* dop = dout.typed_data<float>();
+  float* dqp = dq->typed_data<float>();
+  float* dkp = dk->typed_data<float>();
+  float* dvp = dv->typed_data<float>();
+  const int blocks = (s.lq + s.block - 1) / s.block;
+  const int64_t kstride = static_cast<int64_t>(s.heads) * s.d, vstride =
+      static_cast<int64_t>(s.heads) * s.dv;
+  // With fewer groups than threads, each group's queries are split into parts whose key and
+  // value gradients are summed at the end.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
+  const int parts = static_cast<int>(
+      std::min<int64_t>(blocks, std::max<int64_t>(1, threads / std::max<int64_t>(1, s.groups))));
+  const size_t kv_size = static_cast<size_t>(s.lkp) * std::max(s.dp, s.dvp);
+  std::vector<float> partial_dk(static_cast<size_t>(s.groups) * parts * kv_size);
+  std::vector<float> partial_dv(static_cast<size_t>(s.groups) * parts * kv_size);
+  parallel_ranges(pool, s.groups * parts, [&](int64_t begin, int64_t end) {
+   for (int64_t item = begin; item < end; ++item) {
+    const int64_t g = item / parts;
+    const int part = static_cast<int>(item % parts);
+    const int b_begin = blocks * part / parts, b_end = blocks * (part + 1) / parts;
+    const float* kg = kp + at(s, g, s.lk, 0, s.d);
+    const float* vg = vp + at(s, g, s.lk, 0, s.dv);
+    std::vector<float> kt(static_cast<size_t>(s.dp) * s.lkp), kpad(static_cast<size_t>(s.lkp) * s.dp),
+        vt(static_cast<size_t>(s.dvp) * s.lkp), qs(static_cast<size_t>(s.block) * s.dp),
+        dos(static_cast<size_t>(s.block) * s.dvp), p(static_cast<size_t>(s.block) * s.lkp),
+        dp(static_cast<size_t>(s.block) * s.lkp), dqb(static_cast<size_t>(s.block) * s.dp),
+        rowdot(s.block);
+    pack_transposed(kg, s.lk, s.d, kstride, kt.data(), s.lkp);
+    pack_rows(kg, s.lk, s.d, kstride, 1.0f, kpad.data(), s.dp, s.lkp);
+    pack_transposed(vg, s.lk, s.dv, vstride, vt.data(), s.lkp);
+    float* gdk = partial_dk.data() + static_cast<size_t>(item) * kv_size;
+    float* gdv = partial_dv.data() + static_cast<size_t>(item) * kv_size;
+    for (int b = b_begin; b < b_end; ++b) {
+      const int q0 = b * s.block;
+      const int rows = std::min(s.block, s.lq - q0);
+      const int64_t qrow0 = at(s, g, s.lq, q0, s.d), vrow0 = at(s, g, s.lq, q0, s.dv);
+      pack_rows(qp + qrow0, rows, s.d, kstride, scale, qs.data(), s.dp, rows);
+      pack_rows(dop + vrow0, rows, s.dv, vstride, 1.0f, dos.data(), s.dvp, rows);
+      for (int r = 0; r < rows; ++r) {  // rowsum(dO * O): the softmax backward's correction
+        float acc = 0.0f;
+        const float* dorow = dop + vrow0 + r * vstride;
+        const float* orow = opt + vrow0 + r * vstride;
+        for (int c = 0; c < s.dv; ++c) acc += dorow[c] * orow[c];
+        rowdot[r] = acc;
+      }
+      block_probabilities(s, qs.data(), rows, kt.data(), p.data(), lp + g * s.lq + q0, nullptr,
+                          nullptr);
+      // dV += P^T dO
+      gemm_atb(p.data(), s.lkp, dos.data(), s.dvp, rows, s.lkp, s.dvp, gdv, s.dvp);
+      // dP = dO V^T; dS = P * (dP - rowdot), in place in dp
+      gemm_ab<false>(dos.data(), s.dvp, vt.data(), s.lkp, rows, s.lkp, s.dvp, dp.data(), s.lkp);
+      for (int r = 0; r < rows; ++r) {
+        float* dprow = dp.data() + static_cast<size_t>(r) * s.lkp;
+        const float* prow = p.data() + static_cast<size_t>(r) * s.lkp;
+        const vf rd = splat(rowdot[r]);
+        for (int c = 0; c < s.lkp; c += kLanes)
+          store(dprow + c, load(prow + c) * (load(dprow + c) - rd));
+      }
+      // dK += dS^T (scale Q) ; dQ = scale dS K
+      gemm_atb(dp.data(), s.lkp, qs.data(), s.dp, rows, s.lkp, s.dp, gdk, s.dp);
+      gemm_ab<false>(dp.data(), s.lkp, kpad.data(), s.dp, rows, s.dp, s.lkp, dqb.data(), s.dp);
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < s.d; ++c)
+          dqp[qrow0 + r * kstride + c] = dqb[static_cast<size_t>(r) * s.dp + c] * scale;
+    }
+   }
+  });
+  parallel_ranges(pool, s.groups, [&](int64_t g_begin, int64_t g_end) {
+   for (int64_t g = g_begin; g < g_end; ++g) {
+    for (int part = 0; part < parts; ++part) {
+      const float* gdk = partial_dk.data() + static_cast<size_t>(g * parts + part) * kv_size;
+      const float* gdv = partial_dv.data() + static_cast<size_t>(g * parts + part) * kv_size;
+      for (int r = 0; r < s.lk; ++r) {
+        float* dkrow = dkp + at(s, g, s.lk, r, s.d);
+        float* dvrow = dvp + at(s, g, s.lk, r, s.dv);
+        for (int c = 0; c < s.d; ++c)
+          dkrow[c] = (part ? dkrow[c] : 0.0f) + gdk[static_cast<size_t>(r) * s.dp + c];
+        for (int c = 0; c < s.dv; ++c)
+          dvrow[c] = (part ? dvrow[c] : 0.0f) + gdv[static_cast<size_t>(r) * s.dvp + c];
+      }
+    }
+   }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
