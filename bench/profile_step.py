@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--top", type=int, default=12, help="rows of the per-block table")
     p.add_argument("--ops", default="", help="also list the slowest thunks of this block "
-                   "(e.g. input_blocks_4_1; '(outside the UNet)' for the rest)")
+                   "(e.g. input_blocks_4_1; '(outside the UNet)' for the rest; 'ALL': the "
+                   "whole step)")
     common.add_common_args(p, steps=2, warmup=2, torch=False)
     return p.parse_args(argv)
 
@@ -80,6 +81,10 @@ def _hlo_index(hlo: str):
 
 def _kind(name: str, op_name: str, kinds: set) -> str:
     backward = "transpose(" in op_name
+    if "custom-call" in kinds or name.startswith("ffi_call"):
+        # ldm_jax's C++ kernels (ldm_jax/kernels): a convolution or an attention, by op name.
+        what = "attention" if "attention" in op_name or "dot_product" in op_name else "conv"
+        return f"ldm_jax kernel: {what}{' backward' if backward else ''}"
     if "convolution" in kinds:
         return "conv input/weight gradient" if backward else "conv forward"
     if "dot" in kinds:
@@ -132,7 +137,7 @@ def main(argv=None):
             block = _BLOCK.search(op_name)
             block = block.group(1) if block else "(outside the UNet)"
             by_block[block][kind] += ms
-            if block == a.ops:
+            if a.ops in (block, "ALL"):
                 by_thunk[(e["name"], kind, op_name.split("/")[-1][:60])] += ms
     total = sum(by_kind.values())
 
@@ -148,7 +153,7 @@ def main(argv=None):
                          for b, c in by_block.items()), key=lambda r: -r["ms"])[:a.top]
     common.print_table([("block", "block", ""), ("ms", "ms/step", ".1f"),
                         ("top", "largest kinds (ms)", "")], block_rows)
-    if a.ops and a.ops not in by_block:
+    if a.ops and a.ops != "ALL" and a.ops not in by_block:
         sys.exit(f"--ops {a.ops!r}: no such block in this step; use one of "
                  f"{sorted(by_block)}")
     if a.ops:

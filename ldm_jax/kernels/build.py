@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jaxlib
@@ -51,9 +52,14 @@ def _cpu_features() -> str:
 
 
 def library_path(source: str) -> str:
-    """Where the library for `source` lives in the cache (built or not)."""
-    with open(source, "rb") as f:
-        text = f.read()
+    """Where the library for `source` lives in the cache (built or not). The key covers the
+    headers beside the source too (the kernels share `microkernels.h`)."""
+    folder = os.path.dirname(os.path.abspath(source))
+    text = b""
+    for path in [source] + sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                                  if n.endswith(".h")):
+        with open(path, "rb") as f:
+            text += f.read() + b"\0"
     compiler = os.environ.get("CXX", "g++")
     key = hashlib.sha256(b"\0".join([
         text, compiler.encode(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
@@ -91,3 +97,34 @@ def build(source: str) -> str:
 def load(source: str) -> ctypes.CDLL:
     """Build (if needed) and load the library compiled from `source`."""
     return ctypes.cdll.LoadLibrary(build(source))
+
+
+_registered: dict = {}
+_register_lock = threading.Lock()
+
+
+def register_targets(source: str, targets: dict) -> None:
+    """Build/load `source` once per process and register its handlers with XLA:CPU:
+    `targets` maps custom-call target names to the library's exported symbols. Raises
+    `KernelBuildError` (with the reason, remembered for later calls) when that fails."""
+    with _register_lock:
+        state = _registered.get(source)
+        if state is not None:
+            if state is not True:
+                raise KernelBuildError(state)
+            return
+        try:
+            lib = load(source)
+            handlers = {name: getattr(lib, symbol) for name, symbol in targets.items()}
+        except (KernelBuildError, OSError, AttributeError) as e:
+            _registered[source] = str(e)
+            raise KernelBuildError(str(e)) from e
+        for name, handler in handlers.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
+        _registered[source] = True
+
+
+def registration_error(source: str) -> str:
+    """Why `source` could not be registered ('' if it was, or was not tried)."""
+    state = _registered.get(source)
+    return "" if state in (None, True) else state

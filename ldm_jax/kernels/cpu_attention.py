@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from typing import Optional
 
 import jax
@@ -24,27 +23,13 @@ from ldm_jax.kernels import build
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
 _FORWARD, _BACKWARD = "ldm_jax_attention_forward", "ldm_jax_attention_backward"
-_lock = threading.Lock()
-_status: dict = {}
 
 
 def ensure_registered() -> None:
     """Build (first use on a machine) and register the kernels with XLA:CPU; raises
     `build.KernelBuildError` with the reason when that is not possible."""
-    with _lock:
-        if "error" in _status:
-            raise build.KernelBuildError(_status["error"])
-        if _status.get("ok"):
-            return
-        try:
-            lib = build.load(_SOURCE)
-            forward, backward = lib.LdmAttentionForward, lib.LdmAttentionBackward
-        except (build.KernelBuildError, OSError, AttributeError) as e:
-            _status["error"] = str(e)
-            raise build.KernelBuildError(str(e)) from e
-        jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(forward), platform="cpu")
-        jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(backward), platform="cpu")
-        _status["ok"] = True
+    build.register_targets(_SOURCE, {_FORWARD: "LdmAttentionForward",
+                                     _BACKWARD: "LdmAttentionBackward"})
 
 
 def available() -> bool:
@@ -57,7 +42,7 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
-    return _status.get("error", "")
+    return build.registration_error(_SOURCE)
 
 
 def _forward_call(q, k, v, scale):

@@ -1,0 +1,99 @@
+"""Stride-1 convolution for XLA:CPU: `cpu_conv.cc` (forward / input gradient, weight gradient)
+behind a custom_vjp. Same parameters and results as XLA's convolution (NHWC x HWIO, explicit
+padding below the kernel size), float32 inside (other dtypes are cast for the call and back).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.kernels import build
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_conv.cc")
+_FORWARD, _WEIGHT_GRAD = "ldm_jax_conv_forward", "ldm_jax_conv_weight_grad"
+
+Padding = Tuple[Tuple[int, int], Tuple[int, int]]
+
+
+def ensure_registered() -> None:
+    build.register_targets(_SOURCE, {_FORWARD: "LdmConvForward",
+                                     _WEIGHT_GRAD: "LdmConvWeightGrad"})
+
+
+def available() -> bool:
+    """Whether the kernel can be used in this process (builds it on first use)."""
+    try:
+        ensure_registered()
+    except build.KernelBuildError:
+        return False
+    return True
+
+
+def unavailable_reason() -> str:
+    return build.registration_error(_SOURCE)
+
+
+def supports(kernel_hw, strides, padding: Padding) -> bool:
+    """Whether a layer can run here: stride 1 and every padding in [0, kernel size)."""
+    (kh, kw) = kernel_hw
+    return (tuple(strides) == (1, 1) and 0 <= min(padding[0]) and max(padding[0]) < kh
+            and 0 <= min(padding[1]) and max(padding[1]) < kw)
+
+
+def _pads(padding: Padding) -> dict:
+    (pt, pb), (pl, pr) = padding
+    return dict(pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+                pad_right=np.int64(pr))
+
+
+def _forward(x, w, padding: Padding):
+    n, h, wd, _ = x.shape
+    kh, kw, _, cout = w.shape
+    ho = h + sum(padding[0]) - kh + 1
+    wo = wd + sum(padding[1]) - kw + 1
+    out = jax.ShapeDtypeStruct((n, ho, wo, cout), jnp.float32)
+    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(x, w, **_pads(padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x, w, padding):
+    return _forward(x, w, padding)
+
+
+def _conv_fwd(x, w, padding):
+    return _forward(x, w, padding), (x, w)
+
+
+def _conv_bwd(padding, residuals, dy):
+    x, w = residuals
+    kh, kw = w.shape[:2]
+    (pt, pb), (pl, pr) = padding
+    # dX is the 'full' correlation of dY with the flipped kernel, input and output channels
+    # swapped: the forward kernel with padding k - 1 - p.
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _forward(dy, w_t, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    out = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+    dw = jax.ffi.ffi_call(_WEIGHT_GRAD, out, vmap_method="sequential")(
+        x, dy, kernel_h=np.int64(kh), kernel_w=np.int64(kw), **_pads(padding))
+    return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def cpu_conv2d(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
+    """Stride-1 NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding,
+    each in [0, kernel size); the result in x's dtype."""
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if not supports(w.shape[:2], (1, 1), padding):
+        raise ValueError(f"cpu_conv2d: padding {padding} must lie in [0, kernel size) for a "
+                         f"{w.shape[0]}x{w.shape[1]} kernel")
+    ensure_registered()
+    f32 = jnp.float32
+    return _conv(x.astype(f32), w.astype(f32), padding).astype(x.dtype)

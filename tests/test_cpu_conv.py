@@ -1,0 +1,91 @@
+"""ldm_jax/kernels/cpu_conv.cc (the stride-1 XLA:CPU convolution kernel): forward pass, input and
+weight gradients against XLA's convolution over shapes that exercise every code path (channel
+counts that are not whole vectors or microkernel blocks, widths that are not whole pixel
+groups, row blocks that do not divide the height, 1x1 and asymmetric padding), bfloat16, and
+how `Conv`/`conv2d` choose it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from ldm_jax.kernels import cpu_conv
+from ldm_jax.models import conv as conv_mod
+
+
+def _xla(x, w, padding):
+    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+    cpu_conv.ensure_registered()   # fails the module (with the compiler's message) if not
+
+
+@pytest.mark.parametrize("n,h,w,cin,cout,k,padding", [
+    (2, 9, 7, 5, 3, 3, ((1, 1), (1, 1))),          # everything below one block
+    (1, 8, 12, 16, 32, 3, ((0, 2), (2, 0))),       # asymmetric padding
+    (2, 6, 6, 8, 20, 1, ((0, 0), (0, 0))),         # 1x1, Cout 20 = 16 + a partial tile
+    (1, 5, 11, 3, 17, 3, ((0, 0), (0, 0))),        # VALID
+    (2, 40, 9, 24, 48, 3, ((1, 1), (1, 1))),       # 28 rows per block: 40 = 28 + 12
+    (1, 4, 70, 9, 64, 3, ((1, 1), (1, 1))),        # wider than 256 pixels per block
+])
+def test_matches_xla(n, h, w, cin, cout, k, padding):
+    keys = jax.random.split(jax.random.key(h * w + cin), 3)
+    x = jax.random.normal(keys[0], (n, h, w, cin))
+    kernel = jax.random.normal(keys[1], (k, k, cin, cout)) / np.sqrt(k * k * cin)
+    y, vjp = jax.vjp(lambda x, kernel: cpu_conv.cpu_conv2d(x, kernel, padding), x, kernel)
+    y_ref, vjp_ref = jax.vjp(lambda x, kernel: _xla(x, kernel, padding), x, kernel)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=2e-5, rtol=1e-5)
+    g = jax.random.normal(keys[2], y.shape)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                                   atol=2e-5 * float(jnp.abs(want).max()), rtol=1e-5)
+
+
+def test_bfloat16_and_bad_padding():
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 8)).astype(jnp.bfloat16)
+    w = (jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) * 0.1).astype(jnp.bfloat16)
+    y = cpu_conv.cpu_conv2d(x, w, ((1, 1), (1, 1)))
+    assert y.dtype == jnp.bfloat16
+    ref = _xla(x.astype(jnp.float32), w.astype(jnp.float32), ((1, 1), (1, 1)))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=3e-2)
+    with pytest.raises(ValueError, match="padding .* must lie in \\[0, kernel size\\)"):
+        cpu_conv.cpu_conv2d(x, w, ((3, 0), (1, 1)))
+
+
+def test_conv_module_with_the_kernel_equals_flax(monkeypatch):
+    import flax.linen as nn
+    x = jax.random.normal(jax.random.key(2), (2, 12, 12, 16))
+    ours = conv_mod.Conv(24, (3, 3), weight_grad="cpu_fused")
+    ref = nn.Conv(24, (3, 3))
+    params = ref.init(jax.random.key(3), x)
+    assert jax.tree.structure(ours.init(jax.random.key(3), x)) == jax.tree.structure(params)
+    loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x)))
+    txt = jax.jit(jax.grad(loss(ours))).lower(params).as_text()
+    assert "ldm_jax_conv_forward" in txt and "ldm_jax_conv_weight_grad" in txt
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(ours))(params)),
+                    jax.tree.leaves(jax.grad(loss(ref))(params))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_selection_rules(monkeypatch):
+    layer = lambda k, cin, cout, s=(1, 1), p=((1, 1), (1, 1)): ((k, k, cin, cout), s, p)
+    resolve = conv_mod.resolve_weight_grad
+    # Tests run with 8 CPU devices: 'auto' keeps XLA-based paths (the custom call would be
+    # gathered onto every device of a mesh).
+    assert resolve("auto", 16384, layer(3, 64, 64)) == "gemm"
+    monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
+    assert resolve("auto", 16384, layer(3, 64, 64)) == "cpu_fused"
+    assert resolve("auto", 16384, layer(3, 128, 128)) == "cpu_fused"
+    assert resolve("auto", 16384, layer(3, 256, 256)) == "gemm"             # too many weights
+    assert resolve("auto", 1024, layer(3, 64, 64, s=(2, 2))) == "xla"        # strided
+    assert resolve("auto", 16384, layer(3, 64, 64), dtype=jnp.bfloat16) == "gemm"
+    # explicit: strided layers fall back to 'auto'
+    assert resolve("cpu_fused", 16384, layer(3, 256, 256)) == "cpu_fused"
+    assert resolve("cpu_fused", 16384, layer(3, 64, 64, s=(2, 2))) == "gemm"
+    with pytest.raises(ValueError, match="is not one of"):
+        resolve("fused", 10, layer(3, 8, 8))
