@@ -54,7 +54,8 @@ void pack_transposed(const float* src, int rows, int cols, int64_t stride, float
 }
 
 // Operands are [batch, L, heads, width] (the model's layout, so no transposes around the
-// call); group g is (batch g / heads, head g % heads), its rows heads * width floats apart.
+// call), or q, k and v packed in one [batch, L, heads, 3 * d] projection; group g is
+// (batch g / heads, head g % heads).
 struct Shape {
   int64_t groups;
   int heads, lq, lk, d, dv;
@@ -62,11 +63,6 @@ struct Shape {
   int dp, dvp, lkp;
   int block;  // queries per block: the block's score rows stay in cache.
 };
-
-// Offset of row `row` of group g in a [batch, len, heads, width] operand.
-inline int64_t at(const Shape& s, int64_t g, int len, int row, int width) {
-  return ((g / s.heads * len + row) * s.heads + g % s.heads) * static_cast<int64_t>(width);
-}
 
 Shape make_shape(int64_t groups, int heads, int lq, int lk, int d, int dv) {
   Shape s{groups, heads, lq, lk, d, dv, round_up(d, kLanes), round_up(dv, kLanes),
@@ -112,8 +108,34 @@ void block_probabilities(const Shape& s, const float* qs, int rows, const float*
   }
 }
 
-ffi::Error check_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-                        const ffi::AnyBuffer& v, Shape* shape) {
+// Where an operand's rows are: row r of group g (batch g / heads, head g % heads) starts at
+// base + (g / heads) * batch + (g % heads) * head + r * stride. A [batch, L, heads, width]
+// array is (L * heads * width, width, heads * width); q, k or v inside a packed
+// [batch, L, heads, 3 * d] projection is the same with 3 * d and an offset of 0, d or 2 d.
+template <typename T>
+struct View {
+  T* base;
+  int64_t batch, head, stride;
+  T* row(int64_t g, int heads, int64_t r) const {
+    return base + (g / heads) * batch + (g % heads) * head + r * stride;
+  }
+  operator View<const T>() const { return {base, batch, head, stride}; }
+};
+
+template <typename T>
+View<T> dense_view(T* base, int len, int heads, int width) {
+  return View<T>{base, static_cast<int64_t>(len) * heads * width, width,
+                 static_cast<int64_t>(heads) * width};
+}
+
+template <typename T>
+View<T> packed_view(T* base, int part, int len, int heads, int d) {
+  return View<T>{base + part * d, static_cast<int64_t>(len) * heads * 3 * d, 3 * d,
+                 static_cast<int64_t>(heads) * 3 * d};
+}
+
+ffi::Error check_dense(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                       const ffi::AnyBuffer& v, Shape* shape) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (q.element_type() != ffi::F32 || k.element_type() != ffi::F32 ||
       v.element_type() != ffi::F32)
@@ -137,19 +159,25 @@ ffi::Error check_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                            ffi::AnyBuffer v, float scale, ffi::Result<ffi::AnyBuffer> out,
-                            ffi::Result<ffi::AnyBuffer> lse_out) {
-  Shape s;
-  if (ffi::Error e = check_inputs(q, k, v, &s); e.failure()) return e;
-  const float* qp = q.typed_data<float>();
-  const float* kp = k.typed_data<float>();
-  const float* vp = v.typed_data<float>();
-  float* op = out->typed_data<float>();
-  float* lp = lse_out->typed_data<float>();
+ffi::Error check_packed(const ffi::AnyBuffer& qkv, Shape* shape) {
+  auto d = qkv.dimensions();
+  if (qkv.element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("ldm_attention: qkv must be float32");
+  if (d.size() < 3 || d[d.size() - 1] % 3 != 0)
+    return ffi::Error::InvalidArgument("ldm_attention: qkv must be [..., L, heads, 3 * d]");
+  int64_t groups = 1;
+  for (size_t i = 0; i + 3 < d.size(); ++i) groups *= d[i];
+  const size_t n = d.size();
+  groups *= d[n - 2];
+  const int len = static_cast<int>(d[n - 3]), width = static_cast<int>(d[n - 1] / 3);
+  *shape = make_shape(groups, static_cast<int>(d[n - 2]), len, len, width, width);
+  return ffi::Error::Success();
+}
+
+// out (and lse [groups, lq]) <- softmax(scale q k^T) v.
+void forward(ffi::ThreadPool& pool, const Shape& s, View<const float> q, View<const float> k,
+             View<const float> v, float scale, View<float> out, float* lse) {
   const int blocks = (s.lq + s.block - 1) / s.block;
-  const int64_t kstride = static_cast<int64_t>(s.heads) * s.d, vstride =
-      static_cast<int64_t>(s.heads) * s.dv;
   parallel_ranges(pool, s.groups * blocks, [&](int64_t begin, int64_t end) {
     std::vector<float> kt(static_cast<size_t>(s.dp) * s.lkp),
         vpad(static_cast<size_t>(s.lkp) * s.dvp), qs(static_cast<size_t>(s.block) * s.dp),
@@ -161,44 +189,30 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
       const int q0 = static_cast<int>(item % blocks) * s.block;
       const int rows = std::min(s.block, s.lq - q0);
       if (packed_group != g) {  // keys and values packed once per group and thread
-        pack_transposed(kp + at(s, g, s.lk, 0, s.d), s.lk, s.d, kstride, kt.data(), s.lkp);
-        pack_rows(vp + at(s, g, s.lk, 0, s.dv), s.lk, s.dv, vstride, 1.0f, vpad.data(), s.dvp,
-                  s.lkp);
+        pack_transposed(k.row(g, s.heads, 0), s.lk, s.d, k.stride, kt.data(), s.lkp);
+        pack_rows(v.row(g, s.heads, 0), s.lk, s.dv, v.stride, 1.0f, vpad.data(), s.dvp, s.lkp);
         packed_group = g;
       }
-      pack_rows(qp + at(s, g, s.lq, q0, s.d), rows, s.d, kstride, scale, qs.data(), s.dp, rows);
+      pack_rows(q.row(g, s.heads, q0), rows, s.d, q.stride, scale, qs.data(), s.dp, rows);
       block_probabilities(s, qs.data(), rows, kt.data(), p.data(), nullptr, maxes.data(),
                           sums.data());
       gemm_ab<false>(p.data(), s.lkp, vpad.data(), s.dvp, rows, s.dvp, s.lkp, o.data(), s.dvp);
       for (int r = 0; r < rows; ++r) {
         const float inv = 1.0f / sums[r];
-        float* dst = op + at(s, g, s.lq, q0 + r, s.dv);
+        float* dst = out.row(g, s.heads, q0 + r);
         for (int c = 0; c < s.dv; ++c) dst[c] = o[static_cast<size_t>(r) * s.dvp + c] * inv;
-        lp[g * s.lq + q0 + r] = maxes[r] + std::log(sums[r]);
+        lse[g * s.lq + q0 + r] = maxes[r] + std::log(sums[r]);
       }
     }
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                             ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer lse,
-                             ffi::AnyBuffer dout, float scale, ffi::Result<ffi::AnyBuffer> dq,
-                             ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv) {
-  Shape s;
-  if (ffi::Error e = check_inputs(q, k, v, &s); e.failure()) return e;
-  const float* qp = q.typed_data<float>();
-  const float* kp = k.typed_data<float>();
-  const float* vp = v.typed_data<float>();
-  const float* opt = o.typed_data<float>();
-  const float* lp = lse.typed_data<float>();
-  const float* dop = dout.typed_data<float>();
-  float* dqp = dq->typed_data<float>();
-  float* dkp = dk->typed_data<float>();
-  float* dvp = dv->typed_data<float>();
+// dq, dk, dv <- the gradients of sum(out * dout), recomputing the probabilities from lse.
+void backward(ffi::ThreadPool& pool, const Shape& s, View<const float> q, View<const float> k,
+              View<const float> v, View<const float> o, const float* lse,
+              View<const float> dout, float scale, View<float> dq, View<float> dk,
+              View<float> dv) {
   const int blocks = (s.lq + s.block - 1) / s.block;
-  const int64_t kstride = static_cast<int64_t>(s.heads) * s.d, vstride =
-      static_cast<int64_t>(s.heads) * s.dv;
   // With fewer groups than threads, each group's queries are split into parts whose key and
   // value gradients are summed at the end.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
@@ -208,73 +222,134 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuf
   std::vector<float> partial_dk(static_cast<size_t>(s.groups) * parts * kv_size);
   std::vector<float> partial_dv(static_cast<size_t>(s.groups) * parts * kv_size);
   parallel_ranges(pool, s.groups * parts, [&](int64_t begin, int64_t end) {
-   for (int64_t item = begin; item < end; ++item) {
-    const int64_t g = item / parts;
-    const int part = static_cast<int>(item % parts);
-    const int b_begin = blocks * part / parts, b_end = blocks * (part + 1) / parts;
-    const float* kg = kp + at(s, g, s.lk, 0, s.d);
-    const float* vg = vp + at(s, g, s.lk, 0, s.dv);
-    std::vector<float> kt(static_cast<size_t>(s.dp) * s.lkp), kpad(static_cast<size_t>(s.lkp) * s.dp),
-        vt(static_cast<size_t>(s.dvp) * s.lkp), qs(static_cast<size_t>(s.block) * s.dp),
-        dos(static_cast<size_t>(s.block) * s.dvp), p(static_cast<size_t>(s.block) * s.lkp),
-        dp(static_cast<size_t>(s.block) * s.lkp), dqb(static_cast<size_t>(s.block) * s.dp),
-        rowdot(s.block);
-    pack_transposed(kg, s.lk, s.d, kstride, kt.data(), s.lkp);
-    pack_rows(kg, s.lk, s.d, kstride, 1.0f, kpad.data(), s.dp, s.lkp);
-    pack_transposed(vg, s.lk, s.dv, vstride, vt.data(), s.lkp);
-    float* gdk = partial_dk.data() + static_cast<size_t>(item) * kv_size;
-    float* gdv = partial_dv.data() + static_cast<size_t>(item) * kv_size;
-    for (int b = b_begin; b < b_end; ++b) {
-      const int q0 = b * s.block;
-      const int rows = std::min(s.block, s.lq - q0);
-      const int64_t qrow0 = at(s, g, s.lq, q0, s.d), vrow0 = at(s, g, s.lq, q0, s.dv);
-      pack_rows(qp + qrow0, rows, s.d, kstride, scale, qs.data(), s.dp, rows);
-      pack_rows(dop + vrow0, rows, s.dv, vstride, 1.0f, dos.data(), s.dvp, rows);
-      for (int r = 0; r < rows; ++r) {  // rowsum(dO * O): the softmax backward's correction
-        float acc = 0.0f;
-        const float* dorow = dop + vrow0 + r * vstride;
-        const float* orow = opt + vrow0 + r * vstride;
-        for (int c = 0; c < s.dv; ++c) acc += dorow[c] * orow[c];
-        rowdot[r] = acc;
+    std::vector<float> kt(static_cast<size_t>(s.dp) * s.lkp),
+        kpad(static_cast<size_t>(s.lkp) * s.dp), vt(static_cast<size_t>(s.dvp) * s.lkp),
+        qs(static_cast<size_t>(s.block) * s.dp), dos(static_cast<size_t>(s.block) * s.dvp),
+        p(static_cast<size_t>(s.block) * s.lkp), dp(static_cast<size_t>(s.block) * s.lkp),
+        dqb(static_cast<size_t>(s.block) * s.dp), rowdot(s.block);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / parts;
+      const int part = static_cast<int>(item % parts);
+      const int b_begin = blocks * part / parts, b_end = blocks * (part + 1) / parts;
+      pack_transposed(k.row(g, s.heads, 0), s.lk, s.d, k.stride, kt.data(), s.lkp);
+      pack_rows(k.row(g, s.heads, 0), s.lk, s.d, k.stride, 1.0f, kpad.data(), s.dp, s.lkp);
+      pack_transposed(v.row(g, s.heads, 0), s.lk, s.dv, v.stride, vt.data(), s.lkp);
+      float* gdk = partial_dk.data() + static_cast<size_t>(item) * kv_size;
+      float* gdv = partial_dv.data() + static_cast<size_t>(item) * kv_size;
+      std::fill(gdk, gdk + kv_size, 0.0f);
+      std::fill(gdv, gdv + kv_size, 0.0f);
+      for (int b = b_begin; b < b_end; ++b) {
+        const int q0 = b * s.block;
+        const int rows = std::min(s.block, s.lq - q0);
+        pack_rows(q.row(g, s.heads, q0), rows, s.d, q.stride, scale, qs.data(), s.dp, rows);
+        pack_rows(dout.row(g, s.heads, q0), rows, s.dv, dout.stride, 1.0f, dos.data(), s.dvp,
+                  rows);
+        for (int r = 0; r < rows; ++r) {  // rowsum(dO * O): the softmax backward's correction
+          float acc = 0.0f;
+          const float* dorow = dout.row(g, s.heads, q0 + r);
+          const float* orow = o.row(g, s.heads, q0 + r);
+          for (int c = 0; c < s.dv; ++c) acc += dorow[c] * orow[c];
+          rowdot[r] = acc;
+        }
+        block_probabilities(s, qs.data(), rows, kt.data(), p.data(), lse + g * s.lq + q0,
+                            nullptr, nullptr);
+        // dV += P^T dO
+        gemm_atb(p.data(), s.lkp, dos.data(), s.dvp, rows, s.lkp, s.dvp, gdv, s.dvp);
+        // dP = dO V^T; dS = P * (dP - rowdot), in place in dp
+        gemm_ab<false>(dos.data(), s.dvp, vt.data(), s.lkp, rows, s.lkp, s.dvp, dp.data(),
+                       s.lkp);
+        for (int r = 0; r < rows; ++r) {
+          float* dprow = dp.data() + static_cast<size_t>(r) * s.lkp;
+          const float* prow = p.data() + static_cast<size_t>(r) * s.lkp;
+          const vf rd = splat(rowdot[r]);
+          for (int c = 0; c < s.lkp; c += kLanes)
+            store(dprow + c, load(prow + c) * (load(dprow + c) - rd));
+        }
+        // dK += dS^T (scale Q) ; dQ = scale dS K
+        gemm_atb(dp.data(), s.lkp, qs.data(), s.dp, rows, s.lkp, s.dp, gdk, s.dp);
+        gemm_ab<false>(dp.data(), s.lkp, kpad.data(), s.dp, rows, s.dp, s.lkp, dqb.data(), s.dp);
+        for (int r = 0; r < rows; ++r) {
+          float* dst = dq.row(g, s.heads, q0 + r);
+          for (int c = 0; c < s.d; ++c) dst[c] = dqb[static_cast<size_t>(r) * s.dp + c] * scale;
+        }
       }
-      block_probabilities(s, qs.data(), rows, kt.data(), p.data(), lp + g * s.lq + q0, nullptr,
-                          nullptr);
-      // dV += P^T dO
-      gemm_atb(p.data(), s.lkp, dos.data(), s.dvp, rows, s.lkp, s.dvp, gdv, s.dvp);
-      // dP = dO V^T; dS = P * (dP - rowdot), in place in dp
-      gemm_ab<false>(dos.data(), s.dvp, vt.data(), s.lkp, rows, s.lkp, s.dvp, dp.data(), s.lkp);
-      for (int r = 0; r < rows; ++r) {
-        float* dprow = dp.data() + static_cast<size_t>(r) * s.lkp;
-        const float* prow = p.data() + static_cast<size_t>(r) * s.lkp;
-        const vf rd = splat(rowdot[r]);
-        for (int c = 0; c < s.lkp; c += kLanes)
-          store(dprow + c, load(prow + c) * (load(dprow + c) - rd));
-      }
-      // dK += dS^T (scale Q) ; dQ = scale dS K
-      gemm_atb(dp.data(), s.lkp, qs.data(), s.dp, rows, s.lkp, s.dp, gdk, s.dp);
-      gemm_ab<false>(dp.data(), s.lkp, kpad.data(), s.dp, rows, s.dp, s.lkp, dqb.data(), s.dp);
-      for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < s.d; ++c)
-          dqp[qrow0 + r * kstride + c] = dqb[static_cast<size_t>(r) * s.dp + c] * scale;
     }
-   }
   });
   parallel_ranges(pool, s.groups, [&](int64_t g_begin, int64_t g_end) {
-   for (int64_t g = g_begin; g < g_end; ++g) {
-    for (int part = 0; part < parts; ++part) {
-      const float* gdk = partial_dk.data() + static_cast<size_t>(g * parts + part) * kv_size;
-      const float* gdv = partial_dv.data() + static_cast<size_t>(g * parts + part) * kv_size;
-      for (int r = 0; r < s.lk; ++r) {
-        float* dkrow = dkp + at(s, g, s.lk, r, s.d);
-        float* dvrow = dvp + at(s, g, s.lk, r, s.dv);
-        for (int c = 0; c < s.d; ++c)
-          dkrow[c] = (part ? dkrow[c] : 0.0f) + gdk[static_cast<size_t>(r) * s.dp + c];
-        for (int c = 0; c < s.dv; ++c)
-          dvrow[c] = (part ? dvrow[c] : 0.0f) + gdv[static_cast<size_t>(r) * s.dvp + c];
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      for (int part = 0; part < parts; ++part) {
+        const float* gdk = partial_dk.data() + static_cast<size_t>(g * parts + part) * kv_size;
+        const float* gdv = partial_dv.data() + static_cast<size_t>(g * parts + part) * kv_size;
+        for (int r = 0; r < s.lk; ++r) {
+          float* dkrow = dk.row(g, s.heads, r);
+          float* dvrow = dv.row(g, s.heads, r);
+          for (int c = 0; c < s.d; ++c)
+            dkrow[c] = (part ? dkrow[c] : 0.0f) + gdk[static_cast<size_t>(r) * s.dp + c];
+          for (int c = 0; c < s.dv; ++c)
+            dvrow[c] = (part ? dvrow[c] : 0.0f) + gdv[static_cast<size_t>(r) * s.dvp + c];
+        }
       }
     }
-   }
   });
+}
+
+template <typename T>
+View<T> dense(T* base, const Shape& s, bool keys, bool values) {
+  return dense_view(base, keys ? s.lk : s.lq, s.heads, values ? s.dv : s.d);
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                            ffi::AnyBuffer v, float scale, ffi::Result<ffi::AnyBuffer> out,
+                            ffi::Result<ffi::AnyBuffer> lse) {
+  Shape s;
+  if (ffi::Error e = check_dense(q, k, v, &s); e.failure()) return e;
+  forward(pool, s, dense(q.typed_data<float>(), s, false, false),
+          dense(k.typed_data<float>(), s, true, false), dense(v.typed_data<float>(), s, true, true),
+          scale, dense(out->typed_data<float>(), s, false, true), lse->typed_data<float>());
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionForwardPacked(ffi::ThreadPool pool, ffi::AnyBuffer qkv, float scale,
+                                  ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::AnyBuffer> lse) {
+  Shape s;
+  if (ffi::Error e = check_packed(qkv, &s); e.failure()) return e;
+  const float* base = qkv.typed_data<float>();
+  forward(pool, s, packed_view(base, 0, s.lq, s.heads, s.d),
+          packed_view(base, 1, s.lq, s.heads, s.d), packed_view(base, 2, s.lq, s.heads, s.d),
+          scale, dense(out->typed_data<float>(), s, false, true), lse->typed_data<float>());
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                             ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer lse,
+                             ffi::AnyBuffer dout, float scale, ffi::Result<ffi::AnyBuffer> dq,
+                             ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv) {
+  Shape s;
+  if (ffi::Error e = check_dense(q, k, v, &s); e.failure()) return e;
+  backward(pool, s, dense(q.typed_data<float>(), s, false, false),
+           dense(k.typed_data<float>(), s, true, false),
+           dense(v.typed_data<float>(), s, true, true), dense(o.typed_data<float>(), s, false, true),
+           lse.typed_data<float>(), dense(dout.typed_data<float>(), s, false, true), scale,
+           dense(dq->typed_data<float>(), s, false, false),
+           dense(dk->typed_data<float>(), s, true, false),
+           dense(dv->typed_data<float>(), s, true, true));
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackwardPacked(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer o,
+                                   ffi::AnyBuffer lse, ffi::AnyBuffer dout, float scale,
+                                   ffi::Result<ffi::AnyBuffer> dqkv) {
+  Shape s;
+  if (ffi::Error e = check_packed(qkv, &s); e.failure()) return e;
+  const float* base = qkv.typed_data<float>();
+  float* grad = dqkv->typed_data<float>();
+  backward(pool, s, packed_view(base, 0, s.lq, s.heads, s.d),
+           packed_view(base, 1, s.lq, s.heads, s.d), packed_view(base, 2, s.lq, s.heads, s.d),
+           dense(o.typed_data<float>(), s, false, true), lse.typed_data<float>(),
+           dense(dout.typed_data<float>(), s, false, true), scale,
+           packed_view(grad, 0, s.lq, s.heads, s.d), packed_view(grad, 1, s.lq, s.heads, s.d),
+           packed_view(grad, 2, s.lq, s.heads, s.d));
   return ffi::Error::Success();
 }
 
@@ -285,6 +360,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmAttentionForward, AttentionForward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmAttentionForwardPacked, AttentionForwardPacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::AnyBuffer>()
@@ -302,4 +385,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmAttentionBackward, AttentionBackward,
                                   .Attr<float>("scale")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmAttentionBackwardPacked, AttentionBackwardPacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
                                   .Ret<ffi::AnyBuffer>());

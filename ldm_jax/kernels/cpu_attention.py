@@ -23,13 +23,17 @@ from ldm_jax.kernels import build
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
 _FORWARD, _BACKWARD = "ldm_jax_attention_forward", "ldm_jax_attention_backward"
+_FORWARD_PACKED = "ldm_jax_attention_forward_packed"
+_BACKWARD_PACKED = "ldm_jax_attention_backward_packed"
 
 
 def ensure_registered() -> None:
     """Build (first use on a machine) and register the kernels with XLA:CPU; raises
     `build.KernelBuildError` with the reason when that is not possible."""
     build.register_targets(_SOURCE, {_FORWARD: "LdmAttentionForward",
-                                     _BACKWARD: "LdmAttentionBackward"})
+                                     _BACKWARD: "LdmAttentionBackward",
+                                     _FORWARD_PACKED: "LdmAttentionForwardPacked",
+                                     _BACKWARD_PACKED: "LdmAttentionBackwardPacked"})
 
 
 def available() -> bool:
@@ -86,3 +90,47 @@ def cpu_fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
     f32 = jnp.float32
     return _fused(q.astype(f32), k.astype(f32), v.astype(f32), scale).astype(q.dtype)
+
+
+# Self-attention straight from a packed projection [B, L, heads, 3 * d] (per head q, k, v: the
+# reference AttentionBlock's qkv layout): the kernel reads q, k and v in place and its
+# backward pass writes one packed gradient, so no slices of the projection are copied out and
+# no concatenation of three gradients is made (about 20 ms per 32x32 layer at batch 4).
+
+def _packed_forward_call(qkv, scale):
+    *lead, length, heads, width = qkv.shape
+    out = (jax.ShapeDtypeStruct((*lead, length, heads, width // 3), jnp.float32),
+           jax.ShapeDtypeStruct((*lead, heads, length), jnp.float32))
+    return jax.ffi.ffi_call(_FORWARD_PACKED, out, vmap_method="broadcast_all")(
+        qkv, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _packed(qkv, scale):
+    return _packed_forward_call(qkv, scale)[0]
+
+
+def _packed_fwd(qkv, scale):
+    o, lse = _packed_forward_call(qkv, scale)
+    return o, (qkv, o, lse)
+
+
+def _packed_bwd(scale, residuals, do):
+    qkv, o, lse = residuals
+    out = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
+    return (jax.ffi.ffi_call(_BACKWARD_PACKED, out, vmap_method="broadcast_all")(
+        qkv, o, lse, do.astype(jnp.float32), scale=np.float32(scale)),)
+
+
+_packed.defvjp(_packed_fwd, _packed_bwd)
+
+
+def cpu_fused_self_attention(qkv: jax.Array) -> jax.Array:
+    """Self-attention of a packed projection qkv [B, L, heads, 3 * d] (q, k, v per head, in
+    that order) -> [B, L, heads, d] in qkv's dtype; scale 1 / sqrt(d)."""
+    if qkv.ndim != 4 or qkv.shape[-1] % 3:
+        raise ValueError("cpu_fused_self_attention takes qkv [batch, length, heads, 3 * width]; "
+                         f"got shape {qkv.shape}")
+    ensure_registered()
+    scale = float(qkv.shape[-1] // 3) ** -0.5
+    return _packed(qkv.astype(jnp.float32), scale).astype(qkv.dtype)

@@ -101,23 +101,24 @@ inline void micro_conv(const float* a, const int64_t* offs, int taps, int cin, c
     for (int j = 0; j < NV; ++j) store(c + p * ldc + j * kLanes, acc[p][j]);
 }
 
-// C[ci][0 .. NV*16) += sum over the block's pixels of A[pixel][ci] * G[pixel][.] for CI input
-// channels, one tap: A is the gathered rows (pixel (r, w) at (r * wpad + w) * cin + off), G the
-// output gradient [rows * wo, ldg].
-template <int CI, int NV>
-inline void micro_wgrad(const float* a, int64_t off, int wpad, int cin, int rows, int wo,
-                        const float* g, int ldg, float* c, int ldc) {
+// C[ci][0 .. NV*16) += sum over the block's pixels of A[pixel][ci] * G[pixel][.] for 8 input
+// channels, one tap. A is one 8-channel plane of the gathered rows, [rows + kh - 1][wpad][8]
+// (pixel (r, w) of the tap at (r * wpad + w) * 8 + off), G one column tile of the output
+// gradient, [rows * wo][NV * 16]: both are read front to back.
+template <int NV>
+inline void micro_wgrad(const float* a, int64_t off, int wpad, int rows, int wo, const float* g,
+                        float* c, int ldc) {
+  constexpr int CI = 8;
   vf acc[CI][NV];
   for (int i = 0; i < CI; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = load(c + i * ldc + j * kLanes);
   for (int r = 0; r < rows; ++r) {
-    const float* ar = a + static_cast<int64_t>(r) * wpad * cin + off;
-    const float* gr = g + static_cast<int64_t>(r) * wo * ldg;
-    for (int w = 0; w < wo; ++w) {
+    const float* ar = a + static_cast<int64_t>(r) * wpad * CI + off;
+    for (int w = 0; w < wo; ++w, g += NV * kLanes) {
       vf gv[NV];
-      for (int j = 0; j < NV; ++j) gv[j] = load(gr + w * ldg + j * kLanes);
+      for (int j = 0; j < NV; ++j) gv[j] = load(g + j * kLanes);
       for (int i = 0; i < CI; ++i) {
-        vf av = splat(ar[w * cin + i]);
+        vf av = splat(ar[w * CI + i]);
         for (int j = 0; j < NV; ++j) acc[i][j] += av * gv[j];
       }
     }
@@ -205,46 +206,55 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   const float* xp = x.typed_data<float>();
   const float* dyp = dy.typed_data<float>();
   const int taps = s.kh * s.kw;
-  const size_t tap_size = static_cast<size_t>(s.cin) * s.coutp;
+  const int groups = (s.cin + 7) / 8, cinp = groups * 8;  // input channels in planes of 8
+  const size_t tap_size = static_cast<size_t>(cinp) * s.coutp;
   std::vector<float> total(taps * tap_size, 0.0f);
   std::mutex total_mutex;
   const int rows = rows_per_block(s);
   const int blocks = (s.ho + rows - 1) / rows;
+  const size_t plane = static_cast<size_t>(rows + s.kh - 1) * s.wpad * 8;
   parallel_ranges(pool, s.n * blocks, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(rows + s.kh - 1) * s.wpad * s.cin);
+    std::vector<float> planes(groups * plane, 0.0f);
     std::vector<float> grad(static_cast<size_t>(rows) * s.wo * s.coutp, 0.0f);
     std::vector<float> partial(taps * tap_size, 0.0f);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks;
       const int ho0 = static_cast<int>(item % blocks) * rows;
       const int nrows = std::min(rows, s.ho - ho0);
+      const int in_rows = nrows + s.kh - 1;
       gather_rows(s, xp, n, ho0, nrows, buf.data());
+      // [pixel][cin] -> [cin / 8][pixel][8] (zero channels pad the last plane).
+      for (int gi = 0; gi < groups; ++gi) {
+        float* dst = planes.data() + gi * plane;
+        const int width = std::min(8, s.cin - gi * 8);
+        for (int64_t px = 0; px < static_cast<int64_t>(in_rows) * s.wpad; ++px)
+          for (int i = 0; i < 8; ++i) dst[px * 8 + i] = i < width ? buf[px * s.cin + gi * 8 + i] : 0.0f;
+      }
+      // The block's output gradient, one contiguous [pixels][tile width] panel per column tile.
+      const int64_t pixels = static_cast<int64_t>(nrows) * s.wo;
       const float* g = dyp + (n * s.ho + ho0) * static_cast<int64_t>(s.wo) * s.cout;
-      for (int64_t p = 0; p < static_cast<int64_t>(nrows) * s.wo; ++p)
-        std::memcpy(grad.data() + p * s.coutp, g + p * s.cout, sizeof(float) * s.cout);
+      for_column_tiles(s.coutp, [&](int c0, int nv) {
+        float* panel = grad.data() + pixels * c0;
+        const int width = nv * kLanes, valid = std::max(0, std::min(width, s.cout - c0));
+        for (int64_t px = 0; px < pixels; ++px) {
+          std::memcpy(panel + px * width, g + px * s.cout + c0, sizeof(float) * valid);
+          std::memset(panel + px * width + valid, 0, sizeof(float) * (width - valid));
+        }
+      });
       for (int i = 0; i < s.kh; ++i) {
         for (int j = 0; j < s.kw; ++j) {
-          const int64_t off = (static_cast<int64_t>(i) * s.wpad + j) * s.cin;
+          const int64_t off = (static_cast<int64_t>(i) * s.wpad + j) * 8;
           float* c_tap = partial.data() + (i * s.kw + j) * tap_size;
           for_column_tiles(s.coutp, [&](int c0, int nv) {
-            int ci = 0;
-            for (; ci + 8 <= s.cin; ci += 8) {
-              float* c = c_tap + static_cast<size_t>(ci) * s.coutp + c0;
+            const float* panel = grad.data() + pixels * c0;
+            for (int gi = 0; gi < groups; ++gi) {
+              float* c = c_tap + static_cast<size_t>(gi) * 8 * s.coutp + c0;
+              const float* a = planes.data() + gi * plane;
               if (nv == 2)
-                micro_wgrad<8, 2>(buf.data() + ci, off, s.wpad, s.cin, nrows, s.wo,
-                                  grad.data() + c0, s.coutp, c, s.coutp);
+                micro_wgrad<2>(a, off, s.wpad, nrows, s.wo, panel, c, s.coutp);
               else
-                micro_wgrad<8, 1>(buf.data() + ci, off, s.wpad, s.cin, nrows, s.wo,
-                                  grad.data() + c0, s.coutp, c, s.coutp);
-            }
-            for (; ci < s.cin; ++ci) {
-              float* c = c_tap + static_cast<size_t>(ci) * s.coutp + c0;
-              if (nv == 2)
-                micro_wgrad<1, 2>(buf.data() + ci, off, s.wpad, s.cin, nrows, s.wo,
-                                  grad.data() + c0, s.coutp, c, s.coutp);
-              else
-                micro_wgrad<1, 1>(buf.data() + ci, off, s.wpad, s.cin, nrows, s.wo,
-                                  grad.data() + c0, s.coutp, c, s.coutp);
+                micro_wgrad<1>(a, off, s.wpad, nrows, s.wo, panel, c, s.coutp);
             }
           });
         }
@@ -254,8 +264,11 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
     for (size_t i = 0; i < total.size(); ++i) total[i] += partial[i];
   });
   float* out = dw->typed_data<float>();
-  for (int64_t r = 0; r < static_cast<int64_t>(taps) * s.cin; ++r)
-    std::memcpy(out + r * s.cout, total.data() + r * s.coutp, sizeof(float) * s.cout);
+  for (int t = 0; t < taps; ++t)
+    for (int ci = 0; ci < s.cin; ++ci)
+      std::memcpy(out + (static_cast<int64_t>(t) * s.cin + ci) * s.cout,
+                  total.data() + t * tap_size + static_cast<size_t>(ci) * s.coutp,
+                  sizeof(float) * s.cout);
   return ffi::Error::Success();
 }
 

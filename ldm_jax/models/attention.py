@@ -94,6 +94,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         q, k, v, implementation=None if implementation == "auto" else implementation)
 
 
+def packed_self_attention(qkv: jax.Array, *, implementation: Optional[str] = None) -> jax.Array:
+    """Self-attention of a packed projection qkv [B, L, heads, 3 * d] (q, k, v per head, the
+    reference AttentionBlock's layout) -> [B, L, heads, d]; `implementation` as `attention`.
+    'cpu_fused' reads the projection in place; the others take its q, k, v slices."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    resolved = implementation or default_implementation(qkv.dtype)
+    if resolved == "cpu_fused" and jax.default_backend() == "cpu":
+        return cpu_attention.cpu_fused_self_attention(qkv)
+    b, length, heads, width = qkv.shape
+    qkv = qkv.reshape(b, length, heads, 3, width // 3)
+    return attention(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :], implementation=implementation)
+
+
 def resolve_heads(channels: int, num_heads: int = -1, num_head_channels: int = -1):
     """Return ``(heads, dim_head)`` for a block of ``channels`` channels.
 
@@ -178,9 +193,8 @@ class SelfAttentionBlock(nn.Module):
         h = group_norm(x, "norm")
         qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32,
                        kernel_init=torch_default_init, name="qkv")(h)
-        qkv = qkv.reshape(b, hgt * wid, heads, 3, dim_head)
-        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        out = attention(q, k, v, implementation=self.attention_impl)
+        out = packed_self_attention(qkv.reshape(b, hgt * wid, heads, 3 * dim_head),
+                                    implementation=self.attention_impl)
         out = out.reshape(b, hgt, wid, c)
         out = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros_init,
                        name="proj_out")(out)
