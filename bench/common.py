@@ -349,10 +349,16 @@ def apply_conv_impl(config, conv_impl: str) -> str:
     models' Conv replaced in this process by bench.conv_formulations.Conv(impl=...), same
     parameter tree (whole-GEMM formulations, slower here, see bench/README.md). Returns what
     was applied."""
+    import jax
+
     from ldm_jax.models import conv
     if not conv_impl or conv_impl == "default":
         impl = config.get("conv_weight_grad", "auto") if config is not None else "auto"
         conv.set_default_weight_grad(impl)
+        if impl == "auto":
+            # per layer: the C++ kernel, the GEMM weight gradient or XLA's (ldm_jax/models/conv.py)
+            return "auto (" + ("cpu_planned/gemm/xla per layer" if jax.default_backend() == "cpu"
+                               else conv.resolve_weight_grad(impl)) + ")"
         return f"weight_grad {conv.resolve_weight_grad(impl)}"
     if conv_impl in ("xla", "gemm"):
         if config is not None:

@@ -75,16 +75,22 @@ def _hlo_index(hlo: str):
             k = re.match(r"\S+ ([\w\-]+)\(", body)
             if k:
                 kinds.add(k.group(1))
+        target = re.search(r'custom_call_target="([^"]+)"', body)
+        if target:
+            kinds.add("target:" + target.group(1))
         index[name] = (op_name, kinds)
     return index
 
 
 def _kind(name: str, op_name: str, kinds: set) -> str:
     backward = "transpose(" in op_name
-    if "custom-call" in kinds or name.startswith("ffi_call"):
-        # ldm_jax's C++ kernels (ldm_jax/kernels): a convolution or an attention, by op name.
-        what = "attention" if "attention" in op_name or "dot_product" in op_name else "conv"
-        return f"ldm_jax kernel: {what}{' backward' if backward else ''}"
+    targets = [k[len("target:"):] for k in kinds if k.startswith("target:")]
+    if any(t.startswith("ldm_jax_") for t in targets):
+        # ldm_jax's C++ kernels (ldm_jax/kernels), by custom-call target.
+        target = next(t for t in targets if t.startswith("ldm_jax_"))
+        what = "attention" if "attention" in target else "conv"
+        part = "forward" if target.endswith(("forward", "forward_packed")) else "backward"
+        return f"ldm_jax kernel: {what} {part}"
     if "convolution" in kinds:
         return "conv input/weight gradient" if backward else "conv forward"
     if "dot" in kinds:

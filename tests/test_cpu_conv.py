@@ -77,15 +77,37 @@ def test_selection_rules(monkeypatch):
     resolve = conv_mod.resolve_weight_grad
     # Tests run with 8 CPU devices: 'auto' keeps XLA-based paths (the custom call would be
     # gathered onto every device of a mesh).
-    assert resolve("auto", 16384, layer(3, 64, 64)) == "gemm"
+    assert resolve("auto", 16384, layer(3, 64, 64), positions=4096) == "gemm"
     monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
-    assert resolve("auto", 16384, layer(3, 64, 64)) == "cpu_fused"
-    assert resolve("auto", 16384, layer(3, 128, 128)) == "cpu_fused"
-    assert resolve("auto", 16384, layer(3, 256, 256)) == "gemm"             # too many weights
-    assert resolve("auto", 1024, layer(3, 64, 64, s=(2, 2))) == "xla"        # strided
-    assert resolve("auto", 16384, layer(3, 64, 64), dtype=jnp.bfloat16) == "gemm"
-    # explicit: strided layers fall back to 'auto'
-    assert resolve("cpu_fused", 16384, layer(3, 256, 256)) == "cpu_fused"
-    assert resolve("cpu_fused", 16384, layer(3, 64, 64, s=(2, 2))) == "gemm"
+    assert resolve("auto", 16384, layer(3, 64, 64), positions=4096) == "cpu_planned"
+    assert resolve("auto", 4096, layer(3, 384, 128), positions=1024) == "cpu_planned"
+    assert resolve("auto", 1024, layer(3, 256, 256), positions=256) == "xla"   # nothing planned
+    assert resolve("auto", 1024, layer(3, 64, 64, s=(2, 2)), positions=256) == "xla"  # strided
+    assert resolve("auto", 16384, layer(3, 64, 64), dtype=jnp.bfloat16, positions=4096) == "gemm"
+    # explicit: every part in the kernel; strided layers fall back to 'auto'
+    assert resolve("cpu_fused", 16384, layer(3, 256, 256), positions=4096) == "cpu_fused"
+    assert resolve("cpu_fused", 16384, layer(3, 64, 64, s=(2, 2)), positions=4096) == "gemm"
     with pytest.raises(ValueError, match="is not one of"):
         resolve("fused", 10, layer(3, 8, 8))
+    # the per-part plan (fwd, dx, dw) the measurements chose
+    plan = conv_mod.cpu_plan
+    assert plan((3, 3, 64, 64), 4096) == (True, True, True)
+    assert plan((3, 3, 128, 64), 4096) == (True, False, True)
+    assert plan((3, 3, 384, 128), 1024) == (False, False, True)
+    assert plan((3, 3, 64, 64), 128 * 128) == (False, False, True)
+    assert plan((3, 3, 192, 192), 256) == (False, False, False)
+
+
+@pytest.mark.parametrize("plan", [(True, False, True), (False, True, False), (False, False, True)])
+def test_planned_convolution_matches_xla(plan):
+    # each part from the kernel or from XLA, in every mix: same values and gradients
+    x = jax.random.normal(jax.random.key(7), (2, 10, 12, 16))
+    w = jax.random.normal(jax.random.key(8), (3, 3, 16, 24)) / 12.0
+    pad = ((1, 1), (1, 1))
+    y, vjp = jax.vjp(lambda x, w: conv_mod.conv_cpu_planned(x, w, pad, plan), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: _xla(x, w, pad), x, w)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=2e-5, rtol=1e-5)
+    g = jax.random.normal(jax.random.key(9), y.shape)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                                   atol=2e-5 * float(jnp.abs(want).max()), rtol=1e-5)

@@ -30,8 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32).
-    # Convolution weight gradients: 'gemm' (one im2col matmul; 2-3x faster on XLA:CPU), 'xla'
-    # (XLA's own) or 'auto' (gemm on CPU, xla on GPU/TPU). See ldm_jax/models/conv.py.
+    # Convolutions: 'cpu_fused' (ldm_jax's C++ kernel for stride-1 layers, CPU), 'gemm' (XLA's
+    # convolution, weight gradient as one im2col matmul), 'xla' (XLA's own) or 'auto' (per
+    # layer on CPU: cpu_fused / gemm / xla; xla on GPU/TPU). See docs/performance.md.
     c.conv_weight_grad = "auto"
     c.check_finite = True  # stop with a clear error on NaN/Inf loss or gradients.
     # Persistent XLA compilation cache: a rerun (resume) of the same run skips recompiling.

@@ -127,13 +127,27 @@ inline void micro_wgrad(const float* a, int64_t off, int wpad, int rows, int wo,
     for (int j = 0; j < NV; ++j) store(c + i * ldc + j * kLanes, acc[i][j]);
 }
 
-// Column tiles of the (padded) output channels: 32 wide, and one of 16 when coutp is odd.
+// Column tiles of the (padded) output channels: `widest` vectors wide while they fit, then 2
+// and 1 (coutp is a whole number of vectors).
 template <typename Fn>
-void for_column_tiles(int coutp, Fn fn) {
+void for_column_tiles(int coutp, int widest, Fn fn) {
   int c = 0;
-  for (; c + 2 * kLanes <= coutp; c += 2 * kLanes) fn(c, 2);
-  if (c < coutp) fn(c, 1);
+  for (int nv = widest; nv >= 1; nv /= 2)
+    for (; c + nv * kLanes <= coutp; c += nv * kLanes) fn(c, nv);
 }
+
+// One output row's pixels for one column tile, P pixels per microkernel call.
+template <int P, int NV>
+void conv_row(const float* a, const int64_t* offs, int taps, int cin, const float* b, float* c,
+              int ldc, int wo) {
+  int p = 0;
+  for (; p + P <= wo; p += P) micro_conv<P, NV>(a + p * cin, offs, taps, cin, b, c + p * ldc, ldc);
+  for (; p < wo; ++p) micro_conv<1, NV>(a + p * cin, offs, taps, cin, b, c + p * ldc, ldc);
+}
+
+// Forward tiles: 32 output channels x 8 pixels (16 accumulators), then 16 x 8. (64 x 4 and
+// 64 x 6 were tried: no faster on the UNet's layers.)
+constexpr int kForwardWidest = 2;
 
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int64_t pt,
                        int64_t pb, int64_t pl, int64_t pr, ffi::Result<ffi::AnyBuffer> y) {
@@ -150,7 +164,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   // Weights tile-major: for each column tile, [taps * cin, tile width] contiguous, so the
   // microkernel streams them in order.
   std::vector<float> wpack(depth * s.coutp, 0.0f);
-  for_column_tiles(s.coutp, [&](int c0, int nv) {
+  for_column_tiles(s.coutp, kForwardWidest, [&](int c0, int nv) {
     float* dst = wpack.data() + depth * c0;
     const int width = nv * kLanes, valid = std::max(0, std::min(width, s.cout - c0));
     for (int64_t k = 0; k < depth; ++k)
@@ -169,23 +183,15 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       const int ho0 = static_cast<int>(item % blocks) * rows;
       const int nrows = std::min(rows, s.ho - ho0);
       gather_rows(s, xp, n, ho0, nrows, buf.data());
-      for_column_tiles(s.coutp, [&](int c0, int nv) {
+      for_column_tiles(s.coutp, kForwardWidest, [&](int c0, int nv) {
         const float* b = wpack.data() + depth * c0;
         for (int r = 0; r < nrows; ++r) {
           const float* a = buf.data() + static_cast<size_t>(r) * s.wpad * s.cin;
           float* c = out.data() + static_cast<size_t>(r) * s.wo * s.coutp + c0;
-          int p = 0;
-          if (nv == 2) {
-            for (; p + 8 <= s.wo; p += 8)
-              micro_conv<8, 2>(a + p * s.cin, offs.data(), taps, s.cin, b, c + p * s.coutp, s.coutp);
-            for (; p < s.wo; ++p)
-              micro_conv<1, 2>(a + p * s.cin, offs.data(), taps, s.cin, b, c + p * s.coutp, s.coutp);
-          } else {
-            for (; p + 8 <= s.wo; p += 8)
-              micro_conv<8, 1>(a + p * s.cin, offs.data(), taps, s.cin, b, c + p * s.coutp, s.coutp);
-            for (; p < s.wo; ++p)
-              micro_conv<1, 1>(a + p * s.cin, offs.data(), taps, s.cin, b, c + p * s.coutp, s.coutp);
-          }
+          if (nv == 2)
+            conv_row<8, 2>(a, offs.data(), taps, s.cin, b, c, s.coutp, s.wo);
+          else
+            conv_row<8, 1>(a, offs.data(), taps, s.cin, b, c, s.coutp, s.wo);
         }
       });
       float* dst = yp + (n * s.ho + ho0) * static_cast<int64_t>(s.wo) * s.cout;
@@ -234,7 +240,7 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
       // The block's output gradient, one contiguous [pixels][tile width] panel per column tile.
       const int64_t pixels = static_cast<int64_t>(nrows) * s.wo;
       const float* g = dyp + (n * s.ho + ho0) * static_cast<int64_t>(s.wo) * s.cout;
-      for_column_tiles(s.coutp, [&](int c0, int nv) {
+      for_column_tiles(s.coutp, 2, [&](int c0, int nv) {
         float* panel = grad.data() + pixels * c0;
         const int width = nv * kLanes, valid = std::max(0, std::min(width, s.cout - c0));
         for (int64_t px = 0; px < pixels; ++px) {
@@ -246,7 +252,7 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
         for (int j = 0; j < s.kw; ++j) {
           const int64_t off = (static_cast<int64_t>(i) * s.wpad + j) * 8;
           float* c_tap = partial.data() + (i * s.kw + j) * tap_size;
-          for_column_tiles(s.coutp, [&](int c0, int nv) {
+          for_column_tiles(s.coutp, 2, [&](int c0, int nv) {
             const float* panel = grad.data() + pixels * c0;
             for (int gi = 0; gi < groups; ++gi) {
               float* c = c_tap + static_cast<size_t>(gi) * 8 * s.coutp + c0;

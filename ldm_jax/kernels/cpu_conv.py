@@ -52,7 +52,8 @@ def _pads(padding: Padding) -> dict:
                 pad_right=np.int64(pr))
 
 
-def _forward(x, w, padding: Padding):
+def forward(x, w, padding: Padding):
+    """The kernel's forward pass (float32 operands)."""
     n, h, wd, _ = x.shape
     kh, kw, _, cout = w.shape
     ho = h + sum(padding[0]) - kh + 1
@@ -61,39 +62,52 @@ def _forward(x, w, padding: Padding):
     return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(x, w, **_pads(padding))
 
 
+def input_grad(dy, w, padding: Padding):
+    """dX: the 'full' correlation of dY with the flipped kernel, input and output channels
+    swapped: the forward kernel with padding k - 1 - p."""
+    kh, kw = w.shape[:2]
+    (pt, pb), (pl, pr) = padding
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    return forward(dy, w_t, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+
+
+def weight_grad(x, dy, kernel_shape, padding: Padding):
+    """dW [kh, kw, Cin, Cout] (float32 operands)."""
+    kh, kw = kernel_shape[:2]
+    out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+    return jax.ffi.ffi_call(_WEIGHT_GRAD, out, vmap_method="sequential")(
+        x, dy, kernel_h=np.int64(kh), kernel_w=np.int64(kw), **_pads(padding))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, w, padding):
-    return _forward(x, w, padding)
+    return forward(x, w, padding)
 
 
 def _conv_fwd(x, w, padding):
-    return _forward(x, w, padding), (x, w)
+    return forward(x, w, padding), (x, w)
 
 
 def _conv_bwd(padding, residuals, dy):
     x, w = residuals
-    kh, kw = w.shape[:2]
-    (pt, pb), (pl, pr) = padding
-    # dX is the 'full' correlation of dY with the flipped kernel, input and output channels
-    # swapped: the forward kernel with padding k - 1 - p.
-    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    dx = _forward(dy, w_t, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
-    out = jax.ShapeDtypeStruct(w.shape, jnp.float32)
-    dw = jax.ffi.ffi_call(_WEIGHT_GRAD, out, vmap_method="sequential")(
-        x, dy, kernel_h=np.int64(kh), kernel_w=np.int64(kw), **_pads(padding))
-    return dx, dw
+    return input_grad(dy, w, padding), weight_grad(x, dy, w.shape, padding)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def check(w_shape, padding: Padding) -> Padding:
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if not supports(w_shape[:2], (1, 1), padding):
+        raise ValueError(f"cpu_conv2d: padding {padding} must lie in [0, kernel size) for a "
+                         f"{w_shape[0]}x{w_shape[1]} kernel")
+    ensure_registered()
+    return padding
+
+
 def cpu_conv2d(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
     """Stride-1 NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding,
     each in [0, kernel size); the result in x's dtype."""
-    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if not supports(w.shape[:2], (1, 1), padding):
-        raise ValueError(f"cpu_conv2d: padding {padding} must lie in [0, kernel size) for a "
-                         f"{w.shape[0]}x{w.shape[1]} kernel")
-    ensure_registered()
+    padding = check(w.shape, padding)
     f32 = jnp.float32
     return _conv(x.astype(f32), w.astype(f32), padding).astype(x.dtype)

@@ -54,12 +54,19 @@ _default_weight_grad = "auto"
 # Paper-sized batches are above it at every resolution that matters (f4_celebahq, batch 48:
 # 12,288-196,608 rows).
 AUTO_GEMM_MIN_ROWS = 16384
-# 'auto' on CPU: ldm_jax's C++ convolution (ldm_jax/kernels/cpu_conv.cc) for stride-1 float32
-# layers with at most this many weights (kh*kw*Cin*Cout). Its weight tiles stream from L2, so
-# per layer fwd+bwd it wins where they are small (3x3, batch 4: 64 -> 64 at 64x64 15 ms
-# against 36 ms; 128 -> 64 at 64x64 35 vs 61; 128 -> 128 at 32x32 17 vs 19) and loses to XLA's
-# convolution at 256 -> 256 (20 vs 14 ms at 16x16).
-AUTO_CPU_KERNEL_MAX_WEIGHTS = 9 * 128 * 128
+# 'auto' on CPU, stride-1 float32 layers: which of the three parts of a convolution run in
+# ldm_jax's C++ kernel (ldm_jax/kernels/cpu_conv.cc) rather than in XLA (`cpu_plan`). Measured
+# per part on the 2-core AVX-512 CPU, 3x3, batch 4 (ms, XLA / kernel; docs/performance.md):
+#   weight gradient: the kernel from 32x32 output positions per image on (64x64, 64 -> 64:
+#     10.3 / 3.9; 32x32, 384 -> 128: 17.3 / 11.0; 128x128, 64 -> 64: 52 / 18), not at 16x16
+#     (384 -> 192: 5.9 / 6.9);
+#   forward: the kernel for narrow outputs at up to 64x64 (64x64, 128 -> 64: 12.4 / 9.1;
+#     32x32, 64 -> 128: 3.4 / 2.3), XLA for wider ones (32x32, 128 -> 128: 4.0 / 5.0) and at
+#     128x128 (13.4 / 15.8), where XLA's convolution runs near the CPU's peak;
+#   input gradient (a convolution to Cin channels): the kernel for Cin <= 64 at up to 64x64
+#     (64x64, 64 -> 64: 6.2 / 4.9), XLA otherwise (64x64, 128 -> 64: 6.8 / 9.2).
+PLAN_WEIGHT_GRAD_MIN_POSITIONS = 32 * 32
+PLAN_MAX_POSITIONS = 64 * 64
 
 
 def check_weight_grad(impl: str, field: str, error_type=ValueError) -> str:
@@ -83,15 +90,17 @@ def _cpu_kernel_fits(layer) -> bool:
 
 
 def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
-                        layer=None, dtype=jnp.float32) -> str:
+                        layer=None, dtype=jnp.float32, positions: Optional[int] = None) -> str:
     """'xla', 'gemm' or 'cpu_fused' for this backend and a layer whose weight gradient
-    contracts over `rows` = N*Ho*Wo positions; `layer` = (kernel shape, strides, padding).
+    contracts over `rows` = N*Ho*Wo positions; `layer` = (kernel shape, strides, padding),
+    `positions` = Ho*Wo (per image).
 
-    'auto' on CPU: 'cpu_fused' for stride-1 float32 layers of at most
-    AUTO_CPU_KERNEL_MAX_WEIGHTS weights on a single device (the kernel is a custom call, which
-    XLA's partitioner would gather onto every device of a mesh) when the kernel builds; else
-    the GEMM weight gradient from AUTO_GEMM_MIN_ROWS positions on; else 'xla'. An explicit
-    'cpu_fused' falls back to 'auto' for a layer the kernel cannot run (a strided one)."""
+    'auto' on CPU: 'cpu_planned' for stride-1 float32 layers where `cpu_plan` puts at least one
+    part of the convolution in the kernel, on a single device (the kernel is a custom call,
+    which XLA's partitioner would gather onto every device of a mesh), when the kernel builds;
+    else the GEMM weight gradient from AUTO_GEMM_MIN_ROWS positions on; else 'xla'. An
+    explicit 'cpu_fused' (every part in the kernel) falls back to 'auto' for a layer the
+    kernel cannot run (a strided one)."""
     impl = check_weight_grad(impl or _default_weight_grad, "weight_grad")
     cpu = jax.default_backend() == "cpu"
     if impl == "cpu_fused":
@@ -102,13 +111,24 @@ def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
             return impl
         impl = "auto"
     if impl == "auto":
-        if (cpu and layer is not None and dtype == jnp.float32 and _cpu_kernel_fits(layer)
-                and math.prod(layer[0]) <= AUTO_CPU_KERNEL_MAX_WEIGHTS
+        if (cpu and layer is not None and positions is not None and dtype == jnp.float32
+                and _cpu_kernel_fits(layer) and any(cpu_plan(layer[0], positions))
                 and jax.device_count() == 1 and cpu_conv.available()):
-            return "cpu_fused"
+            return "cpu_planned"
         big = rows is None or rows >= AUTO_GEMM_MIN_ROWS
         return "gemm" if cpu and big else "xla"
     return impl
+
+
+def cpu_plan(kernel_shape, positions: int) -> Tuple[bool, bool, bool]:
+    """(forward, input gradient, weight gradient): which parts of a stride-1 float32 layer run
+    in ldm_jax's C++ kernel under 'auto' on CPU, for `positions` = Ho*Wo output positions per
+    image (the measurements behind the rules are at PLAN_WEIGHT_GRAD_MIN_POSITIONS)."""
+    cin, cout = kernel_shape[2], kernel_shape[3]
+    small = positions <= PLAN_MAX_POSITIONS
+    forward = small and ((16 <= cout <= 64) or (16 <= cin <= 64 and cout <= 128))
+    input_grad = small and 16 <= cin <= 64 and cout <= 128
+    return forward, input_grad, positions >= PLAN_WEIGHT_GRAD_MIN_POSITIONS
 
 
 def _xla_conv(x, w, strides, padding):
@@ -149,6 +169,39 @@ def _bwd(strides, padding, residuals, dy):
 conv_gemm_weight_grad.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_cpu_planned(x, w, padding, plan):
+    """A stride-1 float32 convolution whose forward pass, input gradient and weight gradient
+    each run in ldm_jax's C++ kernel or in XLA, as `plan` = (fwd, dx, dw) says."""
+    return _planned_forward(x, w, padding, plan[0])
+
+
+def _planned_forward(x, w, padding, kernel):
+    return cpu_conv.forward(x, w, padding) if kernel else _xla_conv(x, w, (1, 1), padding)
+
+
+def _planned_fwd(x, w, padding, plan):
+    return _planned_forward(x, w, padding, plan[0]), (x, w)
+
+
+def _planned_bwd(padding, plan, residuals, dy):
+    x, w = residuals
+    if plan[1]:
+        dx = cpu_conv.input_grad(dy, w, padding)
+    else:
+        dx = jax.vjp(lambda x_: _xla_conv(x_, w, (1, 1), padding), x)[1](dy)[0]
+    if plan[2]:
+        dw = cpu_conv.weight_grad(x, dy, w.shape, padding)
+    elif x.shape[0] * dy.shape[1] * dy.shape[2] >= AUTO_GEMM_MIN_ROWS:
+        dw = _bwd((1, 1), padding, (x, w), dy)[1]
+    else:
+        dw = jax.vjp(lambda w_: _xla_conv(x, w_, (1, 1), padding), w)[1](dy)[0]
+    return dx, dw
+
+
+conv_cpu_planned.defvjp(_planned_fwd, _planned_bwd)
+
+
 def conv2d(x: jax.Array, w: jax.Array, strides: Tuple[int, int],
            padding: Tuple[Tuple[int, int], Tuple[int, int]],
            weight_grad: Optional[str] = None) -> jax.Array:
@@ -159,9 +212,12 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Tuple[int, int],
     wo = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
     impl = resolve_weight_grad(weight_grad, x.shape[0] * ho * wo,
-                               (tuple(w.shape), tuple(strides), padding), x.dtype)
+                               (tuple(w.shape), tuple(strides), padding), x.dtype, ho * wo)
     if impl == "cpu_fused":
         return cpu_conv.cpu_conv2d(x, w, padding)
+    if impl == "cpu_planned":
+        return conv_cpu_planned(x, w, cpu_conv.check(w.shape, padding),
+                                cpu_plan(w.shape, ho * wo))
     if impl == "gemm":
         return conv_gemm_weight_grad(x, w, tuple(strides), tuple(map(tuple, padding)))
     return _xla_conv(x, w, tuple(strides), tuple(map(tuple, padding)))
