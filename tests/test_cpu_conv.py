@@ -81,7 +81,7 @@ def test_selection_rules(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
     assert resolve("auto", 16384, layer(3, 64, 64), positions=4096) == "cpu_planned"
     assert resolve("auto", 4096, layer(3, 384, 128), positions=1024) == "cpu_planned"
-    assert resolve("auto", 1024, layer(3, 256, 256), positions=256) == "xla"   # nothing planned
+    assert resolve("auto", 256, layer(3, 256, 256), positions=64) == "xla"   # nothing planned
     assert resolve("auto", 1024, layer(3, 64, 64, s=(2, 2)), positions=256) == "xla"  # strided
     assert resolve("auto", 16384, layer(3, 64, 64), dtype=jnp.bfloat16, positions=4096) == "gemm"
     # explicit: every part in the kernel; strided layers fall back to 'auto'
@@ -92,10 +92,11 @@ def test_selection_rules(monkeypatch):
     # the per-part plan (fwd, dx, dw) the measurements chose
     plan = conv_mod.cpu_plan
     assert plan((3, 3, 64, 64), 4096) == (True, True, True)
-    assert plan((3, 3, 128, 64), 4096) == (True, False, True)
-    assert plan((3, 3, 384, 128), 1024) == (False, False, True)
-    assert plan((3, 3, 64, 64), 128 * 128) == (False, False, True)
-    assert plan((3, 3, 192, 192), 256) == (False, False, False)
+    assert plan((3, 3, 384, 128), 1024) == (True, True, True)
+    assert plan((3, 3, 256, 256), 64) == (False, False, False)     # 8x8, wide: XLA
+    assert plan((3, 3, 64, 64), 64) == (True, True, True)         # 8x8, narrow: the kernel
+    assert plan((3, 3, 64, 3), 4096) == (False, True, True)        # 3 output channels
+    assert plan((3, 3, 3, 64), 4096) == (True, False, True)        # 3 input channels
 
 
 @pytest.mark.parametrize("plan", [(True, False, True), (False, True, False), (False, False, True)])

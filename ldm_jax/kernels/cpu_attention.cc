@@ -215,7 +215,7 @@ void backward(ffi::ThreadPool& pool, const Shape& s, View<const float> q, View<c
   const int blocks = (s.lq + s.block - 1) / s.block;
   // With fewer groups than threads, each group's queries are split into parts whose key and
   // value gradients are summed at the end.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
+  const int64_t threads = worker_threads(pool);
   const int parts = static_cast<int>(
       std::min<int64_t>(blocks, std::max<int64_t>(1, threads / std::max<int64_t>(1, s.groups))));
   const size_t kv_size = static_cast<size_t>(s.lkp) * std::max(s.dp, s.dvp);

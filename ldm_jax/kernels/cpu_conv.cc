@@ -84,8 +84,10 @@ void gather_rows(const ConvShape& s, const float* x, int64_t n, int ho0, int row
 // for P pixels p (rows of A `cin` apart): every tap accumulates in registers.
 template <int P, int NV>
 inline void micro_conv(const float* a, const int64_t* offs, int taps, int cin, const float* b,
-                       float* c, int ldc) {
-  vf acc[P][NV] = {};
+                       float* c, int ldc, bool accumulate) {
+  vf acc[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) acc[p][j] = accumulate ? load(c + p * ldc + j * kLanes) : vf{};
   for (int t = 0; t < taps; ++t) {
     const float* at = a + offs[t];
     for (int k = 0; k < cin; ++k, b += NV * kLanes) {
@@ -139,10 +141,19 @@ void for_column_tiles(int coutp, int widest, Fn fn) {
 // One output row's pixels for one column tile, P pixels per microkernel call.
 template <int P, int NV>
 void conv_row(const float* a, const int64_t* offs, int taps, int cin, const float* b, float* c,
-              int ldc, int wo) {
+              int ldc, int wo, bool accumulate) {
   int p = 0;
-  for (; p + P <= wo; p += P) micro_conv<P, NV>(a + p * cin, offs, taps, cin, b, c + p * ldc, ldc);
-  for (; p < wo; ++p) micro_conv<1, NV>(a + p * cin, offs, taps, cin, b, c + p * ldc, ldc);
+  for (; p + P <= wo; p += P)
+    micro_conv<P, NV>(a + p * cin, offs, taps, cin, b, c + p * ldc, ldc, accumulate);
+  for (; p < wo; ++p)
+    micro_conv<1, NV>(a + p * cin, offs, taps, cin, b, c + p * ldc, ldc, accumulate);
+}
+
+// Taps per pass over a block's pixels: the pass's weights (taps * cin * tile width floats)
+// stay within about 32 KB, so they are read from L1 by every pixel group of the block (the
+// partial sums go through the output buffer between passes).
+int taps_per_pass(int taps, int cin, int width) {
+  return std::max(1, std::min(taps, 8192 / std::max(1, cin * width)));
 }
 
 // Forward tiles: 32 output channels x 8 pixels (16 accumulators), then 16 x 8. (64 x 4 and
@@ -184,14 +195,18 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       const int nrows = std::min(rows, s.ho - ho0);
       gather_rows(s, xp, n, ho0, nrows, buf.data());
       for_column_tiles(s.coutp, kForwardWidest, [&](int c0, int nv) {
-        const float* b = wpack.data() + depth * c0;
-        for (int r = 0; r < nrows; ++r) {
-          const float* a = buf.data() + static_cast<size_t>(r) * s.wpad * s.cin;
-          float* c = out.data() + static_cast<size_t>(r) * s.wo * s.coutp + c0;
-          if (nv == 2)
-            conv_row<8, 2>(a, offs.data(), taps, s.cin, b, c, s.coutp, s.wo);
-          else
-            conv_row<8, 1>(a, offs.data(), taps, s.cin, b, c, s.coutp, s.wo);
+        const int width = nv * kLanes, chunk = taps_per_pass(taps, s.cin, width);
+        for (int t0 = 0; t0 < taps; t0 += chunk) {
+          const int nt = std::min(chunk, taps - t0);
+          const float* b = wpack.data() + depth * c0 + static_cast<int64_t>(t0) * s.cin * width;
+          for (int r = 0; r < nrows; ++r) {
+            const float* a = buf.data() + static_cast<size_t>(r) * s.wpad * s.cin;
+            float* c = out.data() + static_cast<size_t>(r) * s.wo * s.coutp + c0;
+            if (nv == 2)
+              conv_row<8, 2>(a, offs.data() + t0, nt, s.cin, b, c, s.coutp, s.wo, t0 > 0);
+            else
+              conv_row<8, 1>(a, offs.data() + t0, nt, s.cin, b, c, s.coutp, s.wo, t0 > 0);
+          }
         }
       });
       float* dst = yp + (n * s.ho + ho0) * static_cast<int64_t>(s.wo) * s.cout;

@@ -56,17 +56,18 @@ _default_weight_grad = "auto"
 AUTO_GEMM_MIN_ROWS = 16384
 # 'auto' on CPU, stride-1 float32 layers: which of the three parts of a convolution run in
 # ldm_jax's C++ kernel (ldm_jax/kernels/cpu_conv.cc) rather than in XLA (`cpu_plan`). Measured
-# per part on the 2-core AVX-512 CPU, 3x3, batch 4 (ms, XLA / kernel; docs/performance.md):
-#   weight gradient: the kernel from 32x32 output positions per image on (64x64, 64 -> 64:
-#     10.3 / 3.9; 32x32, 384 -> 128: 17.3 / 11.0; 128x128, 64 -> 64: 52 / 18), not at 16x16
-#     (384 -> 192: 5.9 / 6.9);
-#   forward: the kernel for narrow outputs at up to 64x64 (64x64, 128 -> 64: 12.4 / 9.1;
-#     32x32, 64 -> 128: 3.4 / 2.3), XLA for wider ones (32x32, 128 -> 128: 4.0 / 5.0) and at
-#     128x128 (13.4 / 15.8), where XLA's convolution runs near the CPU's peak;
-#   input gradient (a convolution to Cin channels): the kernel for Cin <= 64 at up to 64x64
-#     (64x64, 64 -> 64: 6.2 / 4.9), XLA otherwise (64x64, 128 -> 64: 6.8 / 9.2).
-PLAN_WEIGHT_GRAD_MIN_POSITIONS = 32 * 32
-PLAN_MAX_POSITIONS = 64 * 64
+# per part on the 2-core AVX-512 CPU, 3x3 (ms, XLA / kernel; docs/performance.md), the kernel
+# wins nearly everywhere: batch 4, 64x64, 64 -> 64: fwd 7.1 / 3.8, input gradient 6.4 / 3.7,
+# weight gradient (XLA's or the GEMM one) 10.4 / 3.4; 32x32, 384 -> 128: 10.5 / 10.3,
+# 10.9 / 9.8, 19.1 / 11.4; 16x16, 384 -> 192: 6.0 / 5.3, 5.0 / 4.8, 5.5 / 4.3. XLA keeps:
+#   * 8x8 maps with >= 256 input channels (256 -> 256: fwd 1.3 / 1.6, weight gradient
+#     1.5 / 1.7): too few pixels per block to reuse the weights;
+#   * the forward pass of layers with < 16 output channels (64 -> 3: 0.9 / 1.3) and the input
+#     gradient of layers with < 16 input channels (3 -> 64: 0.9 / 1.4): the kernel pads the
+#     output channels to a whole vector of 16.
+PLAN_XLA_MAX_POSITIONS = 8 * 8
+PLAN_XLA_MIN_CIN = 256
+PLAN_MIN_CHANNELS = 16
 
 
 def check_weight_grad(impl: str, field: str, error_type=ValueError) -> str:
@@ -123,12 +124,11 @@ def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
 def cpu_plan(kernel_shape, positions: int) -> Tuple[bool, bool, bool]:
     """(forward, input gradient, weight gradient): which parts of a stride-1 float32 layer run
     in ldm_jax's C++ kernel under 'auto' on CPU, for `positions` = Ho*Wo output positions per
-    image (the measurements behind the rules are at PLAN_WEIGHT_GRAD_MIN_POSITIONS)."""
+    image (the rules and their measurements are above PLAN_XLA_MAX_POSITIONS)."""
     cin, cout = kernel_shape[2], kernel_shape[3]
-    small = positions <= PLAN_MAX_POSITIONS
-    forward = small and ((16 <= cout <= 64) or (16 <= cin <= 64 and cout <= 128))
-    input_grad = small and 16 <= cin <= 64 and cout <= 128
-    return forward, input_grad, positions >= PLAN_WEIGHT_GRAD_MIN_POSITIONS
+    if positions <= PLAN_XLA_MAX_POSITIONS and cin >= PLAN_XLA_MIN_CIN:
+        return False, False, False
+    return cout >= PLAN_MIN_CHANNELS, cin >= PLAN_MIN_CHANNELS, True
 
 
 def _xla_conv(x, w, strides, padding):
