@@ -6,6 +6,7 @@ What lives here, so that every script times, reports and records the same way:
   timed_steps          warm-up then timed calls of a step (per-call seconds)
   summarize            median/min ms and items/s of a list of step times
   flops_of             FLOPs of a compiled XLA executable (cost_analysis)
+  xla_flops            FLOPs of a function with ldm_jax's CPU kernels off (custom calls uncounted)
   aot_compile          jax.jit(...).lower(...).compile() with the time it took
   count_params         parameters in a pytree / a torch module
   machine_info         CPU model, nproc, load average, versions, XLA_FLAGS (printed + JSON)
@@ -141,6 +142,31 @@ def flops_of(compiled) -> float:
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else {}
     return float((ca or {}).get("flops", float("nan")))
+
+
+def xla_flops(fn, args: tuple, *, static_argnums=()) -> float:
+    """FLOPs per call of jax.jit(fn) from XLA's cost analysis, with ldm_jax's C++ CPU kernels
+    switched off for the compile (XLA does not count a custom call's work: with the kernels on,
+    the analysis would miss the convolutions and attention). Same arithmetic: the kernels
+    compute what the XLA formulations they replace compute ('chunked' attention recomputes the
+    probabilities as the kernel does)."""
+    import jax
+    from unittest import mock
+
+    from ldm_jax.kernels import cpu_conv
+    from ldm_jax.models import attention
+    original = attention.default_implementation
+    off = lambda dtype: "chunked" if jax.default_backend() == "cpu" else original(dtype)
+    # jit caches traces per function: without clearing, this compile could reuse a trace made
+    # with the kernels (or leave its kernel-less trace for the timed compile that follows).
+    jax.clear_caches()
+    try:
+        with mock.patch.object(cpu_conv, "available", lambda: False), \
+                mock.patch.object(attention, "default_implementation", off):
+            fresh = lambda *a: fn(*a)
+            return flops_of(jax.jit(fresh, static_argnums=static_argnums).lower(*args).compile())
+    finally:
+        jax.clear_caches()
 
 
 def aot_compile(fn, args: tuple, *, donate_argnums=(), static_argnums=()):

@@ -103,10 +103,9 @@ def jax_side(a, config):
     # XLA's cost analysis counts a while loop's body once, not times its trip count, so the
     # sampling call's FLOPs = one UNet forward (compiled alone) x the DDIM steps.
     shape = (B,) + tuple(task.latents.latent_shape)
-    fwd, _, _ = common.aot_compile(lambda p, x, t: task._apply(p, x, t, {}),
-                                   (params, jnp.zeros(shape, jnp.float32),
-                                    jnp.zeros((B,), jnp.int32)))
-    unet_flops = common.flops_of(fwd)
+    unet_flops = common.xla_flops(lambda p, x, t: task._apply(p, x, t, {}),
+                                  (params, jnp.zeros(shape, jnp.float32),
+                                   jnp.zeros((B,), jnp.int32)))
     flops = unet_flops * a.ddim_steps
     loop_flops = common.flops_of(compiled)
     out = {}

@@ -19,7 +19,7 @@
                   BatchNorm in train mode) + LPIPS-VGG16 (torchvision vgg16, random weights),
                   taming's LPIPSWithDiscriminator loss (adaptive weight by autograd.grad on the
                   decoder's conv_out), two torch.optim.Adam (b1 0.5, b2 0.9)
-FLOPs/step: XLA cost_analysis of the ldm_jax task step; MFU = FLOPs / step time / peak, the peak measured in the same run (a 4096^3 float32 matmul, best of jax and torch) unless --peak_gflops is given.
+FLOPs/step: XLA cost_analysis of the ldm_jax task step compiled with ldm_jax's CPU kernels off (XLA counts no custom call); MFU = FLOPs / step time / peak, the peak measured in the same run (a 4096^3 float32 matmul, best of jax and torch) unless --peak_gflops is given.
 ratio = ldm_jax task img/s over the best torch row's img/s.
 
 Usage: python bench/train_step.py [--width 64] [--batch 4] [--size 64] [--channels 3]
@@ -126,14 +126,15 @@ def jax_unet_rows(a, config):
             box["s"] = out[0]
             return out[1]
         _, times = common.timed_steps(run, a.warmup, a.steps)
+        model_flops = common.xla_flops(step, ((params, opt_state), z0, jax.random.key(1)))
         rows.append(_row(f"ldm_jax model ({a.dtype})", params=n_params,
                          compile_s=lower_s + comp_s, times=times, batch=a.batch,
-                         flops=common.flops_of(compiled), peak=a.peak_gflops, loss=run()))
-        rows[-1]["flops"] = common.flops_of(compiled)
+                         flops=model_flops, peak=a.peak_gflops, loss=run()))
+        rows[-1]["flops"] = model_flops
     common.log("stage 2: ldm_jax task step")
     fn = functools.partial(task.train_step, phase="main")
+    flops = common.xla_flops(fn, (state, batch, consts))
     compiled, lower_s, comp_s = common.aot_compile(fn, (state, batch, consts), donate_argnums=0)
-    flops = common.flops_of(compiled)
     run = common.jax_runner(compiled, {"s": state}, (batch, consts))
     _, times = common.timed_steps(run, a.warmup, a.steps)
     row = _row(f"ldm_jax task ({a.dtype})", params=n_params, compile_s=lower_s + comp_s,
@@ -227,8 +228,8 @@ def jax_ae_rows(a, config):
     phase = task.phase_for_step(0)
     common.log(f"stage 1: ldm_jax task step (phase {phase})")
     fn = functools.partial(task.train_step, phase=phase)
+    flops = common.xla_flops(fn, (state, batch, consts))
     compiled, lower_s, comp_s = common.aot_compile(fn, (state, batch, consts), donate_argnums=0)
-    flops = common.flops_of(compiled)
     run = common.jax_runner(compiled, {"s": state}, (batch, consts))
     _, times = common.timed_steps(run, a.warmup, a.steps)
     row = _row(f"ldm_jax task ({a.dtype})", params=n_gen + n_disc, compile_s=lower_s + comp_s,
