@@ -176,3 +176,45 @@ def test_packed_self_attention_matches_float64(batch, length, heads, d):
         np.testing.assert_allclose(np.asarray(got), ref_out, atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="3 \\* width"):
         cpu_attention.cpu_fused_self_attention(qkv[..., :-1])
+
+
+_ONE_DEVICE_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from ldm_jax.models import conv
+from ldm_jax.models.unet import UNetModel
+assert jax.device_count() == 1
+kw = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2),
+          num_res_blocks=1, attention_resolutions=(1, 2), num_head_channels=16)
+x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+t = jnp.array([3, 500])
+model = UNetModel(**kw)
+params = model.init(jax.random.key(1), x, t)
+leaves, tree = jax.tree.flatten(params)
+keys = jax.random.split(jax.random.key(2), len(leaves))
+params = jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+loss = lambda m: jax.jit(jax.grad(lambda p: jnp.mean(m.apply(p, x, t) ** 2)))
+hlo = loss(model).lower(params).as_text()
+default = loss(model)(params)
+conv.set_default_weight_grad("gemm")
+reference = loss(UNetModel(attention_impl="chunked", **kw))(params)
+top = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(reference))
+err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(reference)))
+print("KERNELS", "ldm_jax_conv_forward" in hlo, "ldm_jax_conv_weight_grad" in hlo,
+      "ldm_jax_attention_forward_packed" in hlo, "ldm_jax_attention_backward_packed" in hlo)
+print("RELERR", err / top)
+"""
+
+
+def test_one_device_default_uses_the_kernels_and_matches_xla(tmp_path):
+    # pytest runs with 8 CPU devices, where the defaults keep XLA's paths: check the default
+    # of a one-device process (the README's digits pipeline, a laptop) in a subprocess.
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    done = subprocess.run([sys.executable, "-c", _ONE_DEVICE_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    assert lines["KERNELS"] == "True True True True", done.stdout
+    assert float(lines["RELERR"]) < 1e-5, done.stdout
