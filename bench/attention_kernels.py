@@ -18,25 +18,16 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench import common  # noqa: E402
 
 # The f4_celebahq UNet at width 64, batch 4 (32x32, 16x16, 8x8 positions, 32-wide heads) and a
 # text-conditioned layer (64x64 latent queries over a 77-token context, 8 heads of 40).
 DEFAULT_SHAPES = "4x1024x4x32,4x256x8x32,4x64x12x32,4x4096x77x8x40"
 
-
-def tmin(fn, reps):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main(argv=None):
@@ -89,8 +80,8 @@ def main(argv=None):
             fg = jax.jit(lambda q, k, v, g, impl=impl: jax.grad(
                 lambda q, k, v: jnp.sum(attention(q, k, v, implementation=impl) * g),
                 (0, 1, 2))(q, k, v))
-            t_f = tmin(lambda: jax.block_until_ready(f(q, k, v)), a.reps)
-            t_fg = tmin(lambda: jax.block_until_ready(fg(q, k, v, g)), a.reps)
+            t_f = common.min_ms(lambda: jax.block_until_ready(f(q, k, v)), a.reps)
+            t_fg = common.min_ms(lambda: jax.block_until_ready(fg(q, k, v, g)), a.reps)
             rows.append(dict(shape=shape, row=f"jax {impl}", fwd_ms=t_f, fwd_grad_ms=t_fg))
         if torch is not None:
             import torch.nn.functional as F
@@ -110,7 +101,7 @@ def main(argv=None):
                     tq.grad = tk.grad = tv.grad = None
                     F.scaled_dot_product_attention(tq, tk, tv).backward(tg)
                 rows.append(dict(shape=shape, row=f"torch SDPA {threads}T",
-                                 fwd_ms=tmin(fwd, a.reps), fwd_grad_ms=tmin(fwdbwd, a.reps)))
+                                 fwd_ms=common.min_ms(fwd, a.reps), fwd_grad_ms=common.min_ms(fwdbwd, a.reps)))
         for r in rows:
             if r["shape"] == shape:
                 print(f"| {shape} | {r['row']} | {r['fwd_ms']:.2f} | {r['fwd_grad_ms']:.2f} | "

@@ -109,6 +109,18 @@ def timed_steps(step: Callable[[], Any], n_warm: int, n_timed: int):
     return warm, times
 
 
+def min_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Milliseconds of the fastest of `reps` calls of fn() after one untimed call (the robust
+    figure for a single kernel on a shared machine)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 def summarize(times: Sequence[float], items_per_call: float) -> dict:
     """{'ms': median ms, 'min_ms', 'max_ms', 'items_s': items per second at the median}."""
     if not times:

@@ -20,26 +20,17 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench import common  # noqa: E402
 
 # batch x H x W x C (C -> C): the digits first stage (batch 32, ch 16/32/64) and the
 # f4_celebahq-structure UNet at width 64 (batch 4, 64x64 latent, 64/128/256 channels).
 DEFAULT_SHAPES = ("32x32x32x16,32x16x16x32,32x8x8x64,4x64x64x64,4x64x64x128x64,4x64x64x192x64,"
                   "4x32x32x128,4x32x32x256x128,4x16x16x256")
 
-
-def tmin(fn, reps):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main(argv=None):
@@ -93,8 +84,8 @@ def main(argv=None):
             f = jax.jit(lambda x, w, impl=impl: conv2d(x, w, (1, 1), pad, impl))
             fg = jax.jit(lambda x, w, g, impl=impl: jax.grad(
                 lambda x, w: jnp.sum(conv2d(x, w, (1, 1), pad, impl) * g), (0, 1))(x, w))
-            t_f = tmin(lambda: jax.block_until_ready(f(x, wt)), a.reps)
-            t_fg = tmin(lambda: jax.block_until_ready(fg(x, wt, g)), a.reps)
+            t_f = common.min_ms(lambda: jax.block_until_ready(f(x, wt)), a.reps)
+            t_fg = common.min_ms(lambda: jax.block_until_ready(fg(x, wt, g)), a.reps)
             rows.append(dict(shape=shape, row=f"jax {impl}", fwd_ms=t_f, fwd_grad_ms=t_fg))
         if torch is not None:
             import torch.nn.functional as F
@@ -116,8 +107,8 @@ def main(argv=None):
                         tx.grad = tw.grad = None
                         y = F.conv2d(tx, tw, padding=1)
                         y.backward(tg)
-                    t_f = tmin(fwd, a.reps)
-                    t_fg = tmin(fwdbwd, a.reps)
+                    t_f = common.min_ms(fwd, a.reps)
+                    t_fg = common.min_ms(fwdbwd, a.reps)
                     rows.append(dict(shape=shape, row=f"torch {layout} {threads}T", fwd_ms=t_f,
                                      fwd_grad_ms=t_fg))
         for r in rows:

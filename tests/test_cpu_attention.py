@@ -218,3 +218,15 @@ def test_one_device_default_uses_the_kernels_and_matches_xla(tmp_path):
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
     assert lines["KERNELS"] == "True True True True", done.stdout
     assert float(lines["RELERR"]) < 1e-5, done.stdout
+
+
+def test_unavailable_kernel_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LDM_JAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-ldm")
+    src = tmp_path / "k2.cc"
+    src.write_text('extern "C" int answer() { return 42; }\n')
+    with caplog.at_level("WARNING", logger="ldm_jax.kernels.build"):
+        assert not build.available(str(src), {"ldm_jax_test_answer": "answer"})
+        assert not build.available(str(src), {"ldm_jax_test_answer": "answer"})
+    warnings = [r for r in caplog.records if "k2.cc unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "no-such-compiler-ldm" in warnings[0].getMessage()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -100,6 +101,8 @@ def load(source: str) -> ctypes.CDLL:
 
 
 _registered: dict = {}
+_warned: set = set()
+_log = logging.getLogger(__name__)
 _register_lock = threading.Lock()
 
 
@@ -124,7 +127,23 @@ def register_targets(source: str, targets: dict) -> None:
         _registered[source] = True
 
 
-def registration_error(source: str) -> str:
-    """Why `source` could not be registered ('' if it was, or was not tried)."""
-    state = _registered.get(source)
-    return "" if state in (None, True) else state
+def available(source: str, targets: dict) -> bool:
+    """Whether `source`'s kernels can run in this process (built and registered on first
+    use). A failure is logged once, with the compiler's message, so a run that falls back to
+    XLA's paths says why."""
+    try:
+        register_targets(source, targets)
+    except KernelBuildError as e:
+        if source not in _warned:
+            _warned.add(source)
+            _log.warning("ldm_jax CPU kernel %s unavailable, using XLA's paths: %s",
+                         os.path.basename(source), e)
+        return False
+    return True
+
+
+def single_cpu_device() -> bool:
+    """Whether the kernels may be picked by default: on CPU, with one device. They are custom
+    calls, which XLA's partitioner cannot split over a mesh: with several devices every
+    operand would be gathered onto every device (still correct, so an explicit choice runs)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1

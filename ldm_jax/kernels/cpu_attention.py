@@ -27,26 +27,20 @@ _FORWARD_PACKED = "ldm_jax_attention_forward_packed"
 _BACKWARD_PACKED = "ldm_jax_attention_backward_packed"
 
 
+_TARGETS = {_FORWARD: "LdmAttentionForward", _BACKWARD: "LdmAttentionBackward",
+            _FORWARD_PACKED: "LdmAttentionForwardPacked",
+            _BACKWARD_PACKED: "LdmAttentionBackwardPacked"}
+
+
 def ensure_registered() -> None:
     """Build (first use on a machine) and register the kernels with XLA:CPU; raises
     `build.KernelBuildError` with the reason when that is not possible."""
-    build.register_targets(_SOURCE, {_FORWARD: "LdmAttentionForward",
-                                     _BACKWARD: "LdmAttentionBackward",
-                                     _FORWARD_PACKED: "LdmAttentionForwardPacked",
-                                     _BACKWARD_PACKED: "LdmAttentionBackwardPacked"})
+    build.register_targets(_SOURCE, _TARGETS)
 
 
 def available() -> bool:
     """Whether the fused CPU kernel can be used in this process (builds it if needed)."""
-    try:
-        ensure_registered()
-    except build.KernelBuildError:
-        return False
-    return True
-
-
-def unavailable_reason() -> str:
-    return build.registration_error(_SOURCE)
+    return build.available(_SOURCE, _TARGETS)
 
 
 def _forward_call(q, k, v, scale):

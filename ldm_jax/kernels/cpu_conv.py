@@ -21,22 +21,16 @@ _FORWARD, _WEIGHT_GRAD = "ldm_jax_conv_forward", "ldm_jax_conv_weight_grad"
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]
 
 
+_TARGETS = {_FORWARD: "LdmConvForward", _WEIGHT_GRAD: "LdmConvWeightGrad"}
+
+
 def ensure_registered() -> None:
-    build.register_targets(_SOURCE, {_FORWARD: "LdmConvForward",
-                                     _WEIGHT_GRAD: "LdmConvWeightGrad"})
+    build.register_targets(_SOURCE, _TARGETS)
 
 
 def available() -> bool:
     """Whether the kernel can be used in this process (builds it on first use)."""
-    try:
-        ensure_registered()
-    except build.KernelBuildError:
-        return False
-    return True
-
-
-def unavailable_reason() -> str:
-    return build.registration_error(_SOURCE)
+    return build.available(_SOURCE, _TARGETS)
 
 
 def supports(kernel_hw, strides, padding: Padding) -> bool:

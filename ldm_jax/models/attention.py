@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ldm_jax.kernels import build as kernel_build
 from ldm_jax.kernels import cpu_attention
 from ldm_jax.models.chunked_attention import chunked_attention
 from ldm_jax.models.conv import Conv
@@ -40,12 +41,23 @@ def default_implementation(dtype) -> str:
     backend = jax.default_backend()
     if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
         return "auto"
-    # The fused CPU kernel is a custom call, which XLA's partitioner cannot split over a mesh:
-    # with several devices it would gather every operand, so it is only the default on one.
-    if backend == "cpu" and jax.device_count() == 1 and cpu_attention.available():
+    if kernel_build.single_cpu_device() and cpu_attention.available():
         return "cpu_fused"
     return "chunked"
 
+
+def _resolve(implementation: Optional[str], dtype) -> str:
+    """The implementation to run (module docstring of `attention`), checked."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if implementation == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError("attention implementation 'cudnn' requires bfloat16/float16 inputs "
+                         f"(got {dtype}); set the model dtype to bfloat16 or use 'chunked'")
+    if implementation == "cpu_fused" and jax.default_backend() != "cpu":
+        raise ValueError("attention implementation 'cpu_fused' runs on CPU only (backend is "
+                         f"{jax.default_backend()!r}); use 'chunked' or None")
+    return implementation or default_implementation(dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -74,19 +86,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       [B, Lq, heads, d] in the dtype of ``q``. The softmax is computed in float32 whatever the
       input dtype.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
-    half = q.dtype in (jnp.bfloat16, jnp.float16)
-    if implementation == "cudnn" and not half:
-        raise ValueError("attention implementation 'cudnn' requires bfloat16/float16 inputs "
-                         f"(got {q.dtype}); set the model dtype to bfloat16 or use 'chunked'")
-    if implementation is None:
-        implementation = default_implementation(q.dtype)
+    implementation = _resolve(implementation, q.dtype)
     if implementation == "cpu_fused":
-        if jax.default_backend() != "cpu":
-            raise ValueError("attention implementation 'cpu_fused' runs on CPU only (backend is "
-                             f"{jax.default_backend()!r}); use 'chunked' or None")
         return cpu_attention.cpu_fused_attention(q, k, v)
     if implementation == "chunked":
         return chunked_attention(q, k, v)
@@ -98,11 +99,8 @@ def packed_self_attention(qkv: jax.Array, *, implementation: Optional[str] = Non
     """Self-attention of a packed projection qkv [B, L, heads, 3 * d] (q, k, v per head, the
     reference AttentionBlock's layout) -> [B, L, heads, d]; `implementation` as `attention`.
     'cpu_fused' reads the projection in place; the others take its q, k, v slices."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
-    resolved = implementation or default_implementation(qkv.dtype)
-    if resolved == "cpu_fused" and jax.default_backend() == "cpu":
+    implementation = _resolve(implementation, qkv.dtype)
+    if implementation == "cpu_fused":
         return cpu_attention.cpu_fused_self_attention(qkv)
     b, length, heads, width = qkv.shape
     qkv = qkv.reshape(b, length, heads, 3, width // 3)

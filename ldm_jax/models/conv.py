@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ldm_jax.kernels import build as kernel_build
 from ldm_jax.kernels import cpu_conv
 
 WEIGHT_GRAD_IMPLS = ("auto", "xla", "gemm", "cpu_fused")
@@ -114,7 +115,7 @@ def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
     if impl == "auto":
         if (cpu and layer is not None and positions is not None and dtype == jnp.float32
                 and _cpu_kernel_fits(layer) and any(cpu_plan(layer[0], positions))
-                and jax.device_count() == 1 and cpu_conv.available()):
+                and kernel_build.single_cpu_device() and cpu_conv.available()):
             return "cpu_planned"
         big = rows is None or rows >= AUTO_GEMM_MIN_ROWS
         return "gemm" if cpu and big else "xla"
