@@ -69,7 +69,8 @@ def add_common_args(p, *, steps: int = 5, warmup: int = 2, torch: bool = True) -
                    help="convolution formulation: xla (default, what the models use), im2col "
                         "or shifted (bench/conv_formulations.py, patched in for this process)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="ldm_jax compute dtype (params stay float32); torch always float32")
+                   help="ldm_jax compute dtype (params stay float32); torch float32 on CPU, "
+                        "autocast to this dtype on a GPU")
     if torch:
         p.add_argument("--skip_torch", action="store_true")
         p.add_argument("--torch_threads", type=str,
@@ -81,6 +82,11 @@ def add_common_args(p, *, steps: int = 5, warmup: int = 2, torch: bool = True) -
                             "imported); 'passive' avoids spin-wait stalls on a loaded machine")
         p.add_argument("--torch_ftz", choices=("on", "off"), default="on",
                        help="torch.set_flush_denormal; XLA:CPU flushes denormals, torch does not")
+        p.add_argument("--torch_device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where the torch rows run; auto: cuda when jax runs on a GPU and "
+                            "torch sees one, else cpu. On cuda with --dtype bfloat16 the torch "
+                            "rows use torch.autocast(bfloat16) over float32 weights (ldm_jax's "
+                            "mixed precision), with TF32 and cudnn.benchmark on")
 
 
 def thread_list(a) -> list[int]:
@@ -88,9 +94,16 @@ def thread_list(a) -> list[int]:
 
 
 def torch_variants(a):
-    """(threads, mode, row name) for every --torch_threads x --torch_modes row, in that order."""
+    """(threads, mode, row name) for every --torch_threads x --torch_modes row, in that order;
+    on a GPU (--torch_device cuda) one row per mode, named 'torch <mode> cuda' (threads None:
+    the host thread count does not set the device's speed)."""
+    modes = comma_list(a.torch_modes)
+    if getattr(a, "torch_device", "cpu") != "cpu":
+        for mode in modes:
+            yield None, mode, f"torch {mode} {a.torch_device}"
+        return
     for threads in thread_list(a):
-        for mode in comma_list(a.torch_modes):
+        for mode in modes:
             yield threads, mode, f"torch {mode} {threads}T"
 
 
@@ -167,8 +180,8 @@ def xla_flops(fn, args: tuple, *, static_argnums=()) -> float:
 
     from ldm_jax.kernels import cpu_conv
     from ldm_jax.models import attention
-    original = attention.default_implementation
-    off = lambda dtype: "chunked" if jax.default_backend() == "cpu" else original(dtype)
+    # 'xla' off the CPU: cuDNN's fused attention is a custom call that XLA does not count either.
+    off = lambda dtype: "chunked" if jax.default_backend() == "cpu" else "xla"
     # jit caches traces per function: without clearing, this compile could reuse a trace made
     # with the kernels (or leave its kernel-less trace for the timed compile that follows).
     jax.clear_caches()
@@ -176,9 +189,31 @@ def xla_flops(fn, args: tuple, *, static_argnums=()) -> float:
         with mock.patch.object(cpu_conv, "available", lambda: False), \
                 mock.patch.object(attention, "default_implementation", off):
             fresh = lambda *a: fn(*a)
-            return flops_of(jax.jit(fresh, static_argnums=static_argnums).lower(*args).compile())
+            if on_accelerator():
+                return host_lowered_flops(fresh, args, static_argnums)
+            return flops_of(jax.jit(fresh, static_argnums=static_argnums).lower(*args)
+                            .compile())
     finally:
         jax.clear_caches()
+
+
+def host_lowered_flops(fn, args: tuple, static_argnums=()) -> float:
+    """FLOPs of fn's program (traced as for the current backend) counted by the host CPU
+    backend's cost analysis of the lowered, unoptimised module: no device compile, whose
+    autotuning costs minutes for a large UNet, and a GPU backend's Lowered.cost_analysis()
+    gives no FLOPs (seen with jax 0.11.2 on an H200). On CPU this count is within 1% of the
+    compiled one (1.392 vs 1.408 GFLOP for a width-32 UNet step)."""
+    import jax
+    static = {i % len(args) for i in ((static_argnums,) if isinstance(static_argnums, int)
+                                      else static_argnums)}
+    abstract = lambda x: (jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype")
+                          else x)
+    args = tuple(a if i in static else jax.tree_util.tree_map(abstract, a)
+                 for i, a in enumerate(args))
+    with jax.default_device(jax.devices("cpu")[0]):
+        ca = jax.jit(fn, static_argnums=static_argnums).lower(*args).cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float((ca or {}).get("flops", float("nan")))
 
 
 def aot_compile(fn, args: tuple, *, donate_argnums=(), static_argnums=()):
@@ -200,12 +235,23 @@ def count_params(tree) -> int:
     return int(sum(int(np.prod(np.shape(p))) for p in jax.tree_util.tree_leaves(tree)))
 
 
-def matmul_peak_gflops(torch=None, n: int = 4096, reps: int = 3) -> dict:
-    """The MFU denominator measured in this run: the best float32 GFLOP/s of an n^3 matmul,
-    jax and (when given) torch with its current thread count. Returns {'jax', 'torch',
-    'peak'}."""
+def on_accelerator() -> bool:
+    """True when jax's default backend is a GPU or TPU (the benches then time device work)."""
+    import jax
+    return jax.default_backend() != "cpu"
+
+
+def matmul_peak_gflops(torch=None, n: int = 0, reps: int = 0, dtype: str = "float32",
+                       torch_device: str = "cpu") -> dict:
+    """The MFU denominator measured in this run: the best GFLOP/s of an n^3 matmul of `dtype`
+    on random data, jax and (when given) torch on `torch_device`. n defaults to 4096 on CPU
+    and 8192 on an accelerator (large enough to fill it). Returns {'jax', 'torch', 'peak',
+    'dtype', 'n'}."""
     import jax
     import jax.numpy as jnp
+    accel = on_accelerator()
+    n = n or (8192 if accel else 4096)
+    reps = reps or (10 if accel else 3)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
@@ -215,13 +261,17 @@ def matmul_peak_gflops(torch=None, n: int = 4096, reps: int = 3) -> dict:
         fn()
         return flops / min(_timed(fn) for _ in range(reps)) / 1e9
 
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     dot = jax.jit(jnp.dot)
     out = {"jax": best(lambda: jax.block_until_ready(dot(ja, jb)))}
     if torch is not None:
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        out["torch"] = best(lambda: ta @ tb)
+        tdt = getattr(torch, dtype)
+        ta = torch.from_numpy(a).to(device=torch_device, dtype=tdt)
+        tb = torch.from_numpy(b).to(device=torch_device, dtype=tdt)
+        sync = torch_sync(torch, torch_device)
+        out["torch"] = best(lambda: (ta @ tb, sync()))
     out["peak"] = max(v for v in out.values())
+    out.update(dtype=dtype, n=n)
     return out
 
 
@@ -236,10 +286,15 @@ def resolve_peak(a, torch=None) -> None:
     a.peak_detail for the JSON)."""
     a.peak_detail = {"given": a.peak_gflops}
     if not a.peak_gflops:
-        a.peak_detail = matmul_peak_gflops(torch)
+        # On an accelerator the peak is that of the compute dtype (bf16 matrix units); on CPU
+        # float32 (the CPU has no faster bf16 path, and the torch rows run float32 there).
+        dtype = a.dtype if on_accelerator() else "float32"
+        a.peak_detail = matmul_peak_gflops(torch, dtype=dtype,
+                                           torch_device=getattr(a, "torch_device", "cpu"))
         a.peak_gflops = a.peak_detail["peak"]
-        log(f"MFU peak: {a.peak_gflops:.0f} GFLOP/s (4096^3 float32 matmul: " + ", ".join(
-            f"{k} {v:.0f}" for k, v in a.peak_detail.items() if k != "peak") + ")")
+        log(f"MFU peak: {a.peak_gflops:.0f} GFLOP/s ({a.peak_detail['n']}^3 {dtype} matmul: "
+            + ", ".join(f"{k} {a.peak_detail[k]:.0f}" for k in ("jax", "torch")
+                        if k in a.peak_detail) + ")")
 
 
 def mfu(flops: float, seconds: float, peak_gflops: float) -> float:
@@ -360,7 +415,35 @@ def import_torch(a):
         os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy.upper()
     import torch
     torch.set_flush_denormal(getattr(a, "torch_ftz", "on") == "on")
+    device = getattr(a, "torch_device", "cpu")
+    if device == "auto":
+        import jax
+        device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--torch_device=cuda: torch sees no CUDA device; use cpu")
+        # The settings a tuned PyTorch run uses (XLA's GPU convolutions autotune and use TF32
+        # for float32 by default too).
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    a.torch_device = device
     return torch
+
+
+def torch_sync(torch, device: str):
+    """A no-argument function that waits for `device`'s queued work (no-op on CPU)."""
+    if device == "cpu":
+        return lambda: None
+    return torch.cuda.synchronize
+
+
+def torch_autocast(torch, a):
+    """The mixed-precision context of the torch rows: autocast to --dtype on a GPU, none on CPU
+    (torch's CPU bfloat16 path is not what a CPU user would run)."""
+    if getattr(a, "torch_device", "cpu") != "cpu" and a.dtype != "float32":
+        return torch.autocast(device_type="cuda", dtype=getattr(torch, a.dtype))
+    return _null()
 
 
 def torch_compile(module, torch):

@@ -149,14 +149,18 @@ def torch_side(a, torch, task, params, noise_nhwc, z_jax, flops, n_params_jax):
     sd = convert.unet_params_to_diffusers(params, fields)
     sched_cfg = {k: v for k, v in scheduler_from_diffusion(dict(task.config.diffusion)).items()
                  if not k.startswith("_")}
-    x_T = torch.from_numpy(np.ascontiguousarray(noise_nhwc.transpose(0, 3, 1, 2)))
+    dev = a.torch_device
+    x_T = torch.from_numpy(np.ascontiguousarray(noise_nhwc.transpose(0, 3, 1, 2))).to(dev)
+    sync = common.torch_sync(torch, dev)
     rows = []
     for threads, mode, name in common.torch_variants(a):
         common.log(f"sampling: {name}")
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         unet = UNet2DModel(**cfg).eval()
         unet.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
                              strict=True)
+        unet = unet.to(dev)
         n_params = common.count_params(unet)
         if n_params != n_params_jax:
             raise AssertionError(f"parameter counts differ: ldm_jax {n_params_jax:,} vs "
@@ -179,9 +183,11 @@ def torch_side(a, torch, task, params, noise_nhwc, z_jax, flops, n_params_jax):
             with torch.inference_mode():
                 x = x0
                 for t in sched.timesteps:
-                    eps = fwd(x, t).sample
-                    x = sched.step(eps, t, x, eta=0.0).prev_sample
+                    with common.torch_autocast(torch, a):
+                        eps = fwd(x, t).sample
+                    x = sched.step(eps.float(), t, x, eta=0.0).prev_sample
             res["x"] = x
+            sync()
         t0 = time.perf_counter()
         try:
             run()
@@ -191,7 +197,7 @@ def torch_side(a, torch, task, params, noise_nhwc, z_jax, flops, n_params_jax):
         first = time.perf_counter() - t0
         _, times = common.timed_steps(run, max(a.warmup - 1, 0), a.steps)
         row = _row(name, times, a, flops, n_params, first)
-        x = res["x"].float().numpy().transpose(0, 2, 3, 1)
+        x = res["x"].float().cpu().numpy().transpose(0, 2, 3, 1)
         row["max_abs_diff"] = float(np.max(np.abs(x - z_jax)))
         rows.append(row)
     return rows

@@ -21,6 +21,9 @@
                   decoder's conv_out), two torch.optim.Adam (b1 0.5, b2 0.9)
 FLOPs/step: XLA cost_analysis of the ldm_jax task step compiled with ldm_jax's CPU kernels off (XLA counts no custom call); MFU = FLOPs / step time / peak, the peak measured in the same run (a 4096^3 float32 matmul, best of jax and torch) unless --peak_gflops is given.
 ratio = ldm_jax task img/s over the best torch row's img/s.
+On a GPU (jax's backend) the torch rows run on the same device (--torch_device auto) with
+autocast to --dtype over float32 weights, one row per mode; the peak is an 8192^3 matmul in
+--dtype, and the FLOPs are counted by the host CPU backend from the traced program.
 
 Usage: python bench/train_step.py [--width 64] [--batch 4] [--size 64] [--channels 3]
   [--ae_ch 64] [--ae_size 64] [--ae_batch 4] [--parts unet,ae] [--torch_modes eager,eager_cl,
@@ -161,20 +164,23 @@ def torch_unet_rows(a, torch, task_cfg, z0_nhwc, flops, n_params_jax):
     d, o = task_cfg.diffusion, task_cfg.optimizer
     betas = make_beta_schedule(d.beta_schedule, d.timesteps, d.linear_start, d.linear_end)
     abar = np.cumprod(1.0 - betas)
-    sa = torch.tensor(np.sqrt(abar), dtype=torch.float32)
-    s1ma = torch.tensor(np.sqrt(1.0 - abar), dtype=torch.float32)
+    dev = a.torch_device
+    sa = torch.tensor(np.sqrt(abar), dtype=torch.float32, device=dev)
+    s1ma = torch.tensor(np.sqrt(1.0 - abar), dtype=torch.float32, device=dev)
     lr = o.base_learning_rate * (task_cfg.batch_size if o.scale_lr_by_batch else 1)
     rows = []
     for threads, mode, name in common.torch_variants(a):
         common.log(f"stage 2: {name}")
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         torch.manual_seed(0)
         unet = torch_unet(torch, task_cfg.model, a.size).train()
         n_params = common.count_params(unet)
         if n_params != n_params_jax:
             raise AssertionError(f"parameter counts differ: ldm_jax {n_params_jax:,} vs "
                                  f"diffusers {n_params:,}")
-        x0 = torch.from_numpy(np.ascontiguousarray(z0_nhwc.transpose(0, 3, 1, 2)))
+        unet = unet.to(dev)
+        x0 = torch.from_numpy(np.ascontiguousarray(z0_nhwc.transpose(0, 3, 1, 2))).to(dev)
         if mode == "eager_cl":
             unet = unet.to(memory_format=torch.channels_last)
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -188,10 +194,12 @@ def torch_unet_rows(a, torch, task_cfg, z0_nhwc, flops, n_params_jax):
                 continue
 
         def run():
-            t = torch.randint(0, d.timesteps, (x0.shape[0],))
+            t = torch.randint(0, d.timesteps, (x0.shape[0],), device=dev)
             noise = torch.randn_like(x0)
             x_t = sa[t].view(-1, 1, 1, 1) * x0 + s1ma[t].view(-1, 1, 1, 1) * noise
-            loss = torch.mean((fwd(x_t, t).sample - noise) ** 2)
+            with common.torch_autocast(torch, a):
+                out = fwd(x_t, t).sample
+            loss = torch.mean((out.float() - noise) ** 2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -201,6 +209,14 @@ def torch_unet_rows(a, torch, task_cfg, z0_nhwc, flops, n_params_jax):
 
 
 def _torch_timed(a, name, run, n_params, batch, flops):
+    import torch
+    sync = common.torch_sync(torch, a.torch_device)
+    step = run
+
+    def run():  # device work is asynchronous: a step ends when the device is done
+        out = step()
+        sync()
+        return out
     t0 = time.perf_counter()
     try:
         run()  # first step: lazy init / torch.compile happens here
@@ -313,23 +329,27 @@ def torch_ae_rows(a, torch, cfg, x_nhwc, flops, counts_jax):
     l, o = cfg.loss, cfg.optimizer
     lr = o.base_learning_rate * (cfg.batch_size if o.scale_lr_by_batch else 1)
     rows = []
+    dev = a.torch_device
     for threads, mode, name in common.torch_variants(a):
         common.log(f"stage 1: {name}")
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         torch.manual_seed(0)
         vae, disc, lpips = torch_modules(torch, cfg, a.ae_size)
+        vae, disc = vae.to(dev), disc.to(dev)
+        lpips = lpips.to(dev) if lpips is not None else None
         vae.train(), disc.train()
         counts = (common.count_params(vae), common.count_params(disc))
         if counts != tuple(counts_jax):
             raise AssertionError(f"parameter counts (autoencoder, discriminator) differ: "
                                  f"ldm_jax {counts_jax} vs torch {counts}")
-        x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+        x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))).to(dev)
         if mode == "eager_cl":
             vae = vae.to(memory_format=torch.channels_last)
             disc = disc.to(memory_format=torch.channels_last)
             lpips = lpips.to(memory_format=torch.channels_last) if lpips else None
             x = x.contiguous(memory_format=torch.channels_last)
-        logvar = nn.Parameter(torch.tensor(float(l.logvar_init)))
+        logvar = nn.Parameter(torch.tensor(float(l.logvar_init), device=dev))
         opt_g = torch.optim.Adam(list(vae.parameters()) + [logvar], lr=lr, betas=(o.b1, o.b2),
                                  eps=o.eps)
         opt_d = torch.optim.Adam(disc.parameters(), lr=lr * o.disc_lr_mult,
@@ -362,14 +382,20 @@ def torch_ae_rows(a, torch, cfg, x_nhwc, flops, counts_jax):
         z_shape = (x.shape[0], cfg.model.embed_dim, a.ae_size // 2 ** (len(cfg.model.ch_mult) - 1),
                    a.ae_size // 2 ** (len(cfg.model.ch_mult) - 1))
 
+        amp = lambda: common.torch_autocast(torch, a)
+
         def run():
             disc.requires_grad_(False)
-            recon, kl = ae_fwd(x, torch.randn(z_shape))
+            with amp():
+                recon, kl = ae_fwd(x, torch.randn(z_shape, device=dev))
+                p_loss = lpips_fwd(x, recon) if lpips_fwd is not None else None
+                logits_fake = disc_fwd(recon)
+            recon, kl = recon.float(), kl.float()
             rec = l.pixel_weight * torch.abs(x - recon)
-            if lpips_fwd is not None:
-                rec = rec + l.perceptual_weight * lpips_fwd(x, recon).view(-1, 1, 1, 1)
+            if p_loss is not None:
+                rec = rec + l.perceptual_weight * p_loss.float().view(-1, 1, 1, 1)
             nll = torch.sum(rec / torch.exp(logvar) + logvar) / x.shape[0]
-            g_loss = -torch.mean(disc_fwd(recon))
+            g_loss = -torch.mean(logits_fake.float())
             nll_g = torch.autograd.grad(nll, last, retain_graph=True)[0]
             g_g = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
             d_weight = torch.clamp(torch.norm(nll_g) / (torch.norm(g_g) + 1e-4), 0.0,
@@ -380,8 +406,10 @@ def torch_ae_rows(a, torch, cfg, x_nhwc, flops, counts_jax):
             opt_g.step()
             disc.requires_grad_(True)
             r_det = recon.detach()
-            d_loss = l.disc_factor * 0.5 * (torch.mean(torch.relu(1.0 - disc_fwd(x)))
-                                            + torch.mean(torch.relu(1.0 + disc_fwd(r_det))))
+            with amp():
+                real, fake = disc_fwd(x).float(), disc_fwd(r_det).float()
+            d_loss = l.disc_factor * 0.5 * (torch.mean(torch.relu(1.0 - real))
+                                            + torch.mean(torch.relu(1.0 + fake)))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()

@@ -143,3 +143,23 @@ def test_many_heads_walked_in_groups_keep_less_memory():
     grouped = temp_bytes(8 * 256 * 256)
     assert whole >= scores, whole
     assert grouped < scores / 2, (grouped, scores)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_default_resolves_to_jax_choice(packed):
+    """On a GPU with bfloat16 inputs the default is jax.nn.dot_product_attention's own choice
+    ('auto' inside the module): both entry points must run it, not reject it (an H200 run once
+    failed on exactly that in packed_self_attention). The backend is reported as 'gpu' here;
+    jax's portable implementation then runs on the CPU."""
+    from unittest import mock
+
+    from ldm_jax.models import attention as attention_module
+    rng = np.random.default_rng(3)
+    qkv = jnp.asarray(rng.standard_normal((2, 24, 2, 3 * 16)), jnp.bfloat16)
+    q, k, v = (qkv.reshape(2, 24, 2, 3, 16)[..., i, :] for i in range(3))
+    want = np.asarray(chunked_attention(q, k, v), np.float32)
+    with mock.patch.object(attention_module.jax, "default_backend", lambda: "gpu"):
+        assert attention_module.default_implementation(jnp.bfloat16) == "auto"
+        got = (attention_module.packed_self_attention(qkv) if packed
+               else attention_module.attention(q, k, v))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)

@@ -86,13 +86,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       [B, Lq, heads, d] in the dtype of ``q``. The softmax is computed in float32 whatever the
       input dtype.
     """
-    implementation = _resolve(implementation, q.dtype)
-    if implementation == "cpu_fused":
+    return _attend(q, k, v, _resolve(implementation, q.dtype))
+
+
+def _attend(q, k, v, resolved: str) -> jax.Array:
+    """attention() for an implementation already resolved by _resolve ('auto' included: the
+    value default_implementation gives a GPU, which is not a user-facing choice)."""
+    if resolved == "cpu_fused":
         return cpu_attention.cpu_fused_attention(q, k, v)
-    if implementation == "chunked":
+    if resolved == "chunked":
         return chunked_attention(q, k, v)
     return jax.nn.dot_product_attention(
-        q, k, v, implementation=None if implementation == "auto" else implementation)
+        q, k, v, implementation=None if resolved == "auto" else resolved)
 
 
 def packed_self_attention(qkv: jax.Array, *, implementation: Optional[str] = None) -> jax.Array:
@@ -104,7 +109,7 @@ def packed_self_attention(qkv: jax.Array, *, implementation: Optional[str] = Non
         return cpu_attention.cpu_fused_self_attention(qkv)
     b, length, heads, width = qkv.shape
     qkv = qkv.reshape(b, length, heads, 3, width // 3)
-    return attention(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :], implementation=implementation)
+    return _attend(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :], implementation)
 
 
 def resolve_heads(channels: int, num_heads: int = -1, num_head_channels: int = -1):

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The accelerator rows of the performance suite, in one call on one GPU (docs/performance.md,
+# "On a GPU"): ldm_jax against the PyTorch reference in the same process on the same device.
+#   1. unet_bf16    stage-2 train step, configs/f4_celebahq.py at the paper's size (width 224,
+#                   batch 48, 64x64x3 latents), bfloat16 compute over float32 weights on both
+#                   sides (torch: autocast), MFU against a bf16 8192^3 matmul measured in the run
+#   2. sample_bf16  DDIM-50 sampling of that UNet, same weights on both sides
+#   3. unet_compile the stage-2 step against torch.compile (its compile takes minutes)
+#   4. ae_bf16      stage-1 KL-f4 + LPIPS + PatchGAN step at ch 128, 256x256, batch 8
+# Each part runs in its own process under a time limit; a part that does not fit in what is
+# left of BUDGET_S is skipped and says so. Logs and JSON go to $OUT (default
+# bench/results/accelerator). `bash bench/accelerator_suite.sh smoke` runs the same parts at
+# toy sizes (on CPU too) to check the script itself.
+#
+# Usage: [OUT=dir] [BUDGET_S=480] [PYTHON=python3] bash bench/accelerator_suite.sh [paper|smoke]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+variant=${1:-paper}
+OUT=${OUT:-bench/results/accelerator}
+mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-480}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+# JAX and torch share the device in one process: JAX takes half up front, torch the rest.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
+
+case "$variant" in
+  paper) W=224 B=48 S=64 AE_CH=128 AE_S=256 AE_B=8 STEPS=20 SAMPLE_STEPS=3 ;;
+  smoke) W=32 B=2 S=16 AE_CH=32 AE_S=32 AE_B=2 STEPS=2 SAMPLE_STEPS=1 ;;
+  *) echo "unknown variant '$variant': use paper or smoke" >&2; exit 2 ;;
+esac
+
+part() {  # part NAME LIMIT_S SCRIPT ARGS...: run one bench under min(LIMIT_S, time left)
+  local name=$1 limit=$2 left=$((BUDGET_S - SECONDS))
+  shift 2
+  if (( left < limit / 2 )); then
+    echo "[$name skipped: ${left}s of the budget left, it needs about ${limit}s]"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  echo "[$name: limit ${limit}s, started at ${SECONDS}s]"
+  timeout "$limit" "$PY" "$@" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v '^\[' "$OUT/$name.log" | tail -n 30
+  echo "[$name: exit $rc at ${SECONDS}s]"
+}
+
+"$PY" - <<'EOF' 2>&1
+import importlib
+for name in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "ml_collections"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:  # report and go on: the parts say what they miss
+        print(name, "missing:", type(e).__name__, e)
+import jax
+print("jax devices:", jax.devices())
+EOF
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+
+part unet_bf16 260 bench/train_step.py --parts unet --width "$W" --batch "$B" --size "$S" \
+  --channels 3 --dtype bfloat16 --steps "$STEPS" --warmup 3 --torch_modes eager,eager_cl \
+  --skip_model_row
+part sample_bf16 150 bench/sample.py --width "$W" --batch "$B" --size "$S" --channels 3 \
+  --dtype bfloat16 --ddim_steps 50 --steps "$SAMPLE_STEPS" --warmup 1 --torch_modes eager \
+  --skip_generate
+part unet_compile 200 bench/train_step.py --parts unet --width "$W" --batch "$B" --size "$S" \
+  --channels 3 --dtype bfloat16 --steps "$STEPS" --warmup 3 --torch_modes compile \
+  --skip_model_row
+part ae_bf16 150 bench/train_step.py --parts ae --ae_ch "$AE_CH" --ae_size "$AE_S" \
+  --ae_batch "$AE_B" --dtype bfloat16 --steps "$STEPS" --warmup 2 --torch_modes eager,eager_cl
+echo "[suite done at ${SECONDS}s of ${BUDGET_S}s]"
