@@ -8,7 +8,10 @@
 #   3. unet_compile the stage-2 step against torch.compile (its compile takes minutes)
 #   4. ae_bf16      stage-1 KL-f4 + LPIPS + PatchGAN step at ch 128, 256x256, batch 8
 # Each part runs in its own process under a time limit; a part that does not fit in what is
-# left of BUDGET_S is skipped and says so. Logs and JSON go to $OUT (default
+# left of BUDGET_S is skipped and says so. On an H200 (2026-12-04) part 1 took 250 s (the jax
+# step compiles in about 100 s, torch's first eager step with cudnn.benchmark about 40 s) and
+# part 2 about 100 s; parts 3 and 4 need more than the 105 s and 150 s they had there, so give
+# the whole suite about 15 minutes (BUDGET_S=900) to see every row. Logs and JSON go to $OUT (default
 # bench/results/accelerator). `bash bench/accelerator_suite.sh smoke` runs the same parts at
 # toy sizes (on CPU too) to check the script itself.
 #

@@ -22,6 +22,7 @@ synchronous. Step time = median of --steps timed calls after --warmup untimed ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -443,7 +444,7 @@ def torch_autocast(torch, a):
     (torch's CPU bfloat16 path is not what a CPU user would run)."""
     if getattr(a, "torch_device", "cpu") != "cpu" and a.dtype != "float32":
         return torch.autocast(device_type="cuda", dtype=getattr(torch, a.dtype))
-    return _null()
+    return contextlib.nullcontext()
 
 
 def torch_compile(module, torch):
@@ -497,14 +498,6 @@ def apply_conv_impl(config, conv_impl: str) -> str:
         importlib.import_module(f"ldm_jax.models.{name}").Conv = functools.partial(
             Conv, impl=conv_impl)
     return conv_impl
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def set_field(config, dotted: str, value) -> None:

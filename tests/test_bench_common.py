@@ -1,0 +1,56 @@
+"""bench.common's accelerator helpers, checked on CPU: the host FLOP count, the torch rows on a
+GPU, the peak matmul record."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+
+
+def test_host_lowered_flops_counts_a_matmul_exactly():
+    a = jnp.ones((64, 128), jnp.float32)
+    b = jax.ShapeDtypeStruct((128, 32), jnp.float32)
+    assert common.host_lowered_flops(jnp.dot, (a, b)) == 2 * 64 * 128 * 32
+
+
+def test_host_lowered_flops_keeps_static_arguments():
+    def f(x, n):
+        for _ in range(n):
+            x = x @ x
+        return x
+    x = np.ones((16, 16), np.float32)
+    assert common.host_lowered_flops(f, (x, 3), static_argnums=(1,)) == 3 * 2 * 16 ** 3
+
+
+def test_xla_flops_on_an_accelerator_path_matches_the_compiled_count():
+    from unittest import mock
+
+    def f(x, w):
+        return jnp.tanh(x @ w) @ w.T
+    args = (np.ones((8, 32), np.float32), np.ones((32, 16), np.float32))
+    compiled = common.xla_flops(f, args)
+    with mock.patch.object(common, "on_accelerator", lambda: True):
+        host = common.xla_flops(f, args)
+    assert compiled >= 2 * 2 * 8 * 32 * 16
+    assert abs(host - compiled) / compiled < 0.05
+
+
+def test_torch_variants_on_a_gpu_give_one_row_per_mode():
+    a = types.SimpleNamespace(torch_modes="eager, eager_cl,compile", torch_threads="1,2",
+                              torch_device="cuda")
+    assert list(common.torch_variants(a)) == [(None, "eager", "torch eager cuda"),
+                                              (None, "eager_cl", "torch eager_cl cuda"),
+                                              (None, "compile", "torch compile cuda")]
+    a.torch_device = "cpu"
+    assert [name for _, _, name in common.torch_variants(a)] == [
+        "torch eager 1T", "torch eager_cl 1T", "torch compile 1T",
+        "torch eager 2T", "torch eager_cl 2T", "torch compile 2T"]
+
+
+def test_matmul_peak_records_dtype_and_size():
+    out = common.matmul_peak_gflops(n=256, reps=1, dtype="bfloat16")
+    assert out["dtype"] == "bfloat16" and out["n"] == 256
+    assert out["peak"] == out["jax"] > 0
