@@ -14,14 +14,15 @@
 # the whole suite about 15 minutes (the default BUDGET_S=900; a lent device call of at most 10
 # minutes needs BUDGET_S=540 or less). Logs and JSON go to $OUT (default
 # bench/results/accelerator). `bash bench/accelerator_suite.sh smoke` runs the same parts at
-# toy sizes (on CPU too) to check the script itself.
+# toy sizes (on CPU too) to check the script itself. Exit status 1 when a part that ran failed
+# (a skipped part is not a failure), 2 on a bad variant or OUT.
 #
 # Usage: [OUT=dir] [BUDGET_S=900] [PYTHON=python3] bash bench/accelerator_suite.sh [paper|smoke]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 variant=${1:-paper}
 OUT=${OUT:-bench/results/accelerator}
-mkdir -p "$OUT"
+mkdir -p "$OUT" || { echo "cannot create OUT=$OUT: set OUT to a writable folder" >&2; exit 2; }
 BUDGET_S=${BUDGET_S:-900}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -47,7 +48,9 @@ part() {  # part NAME LIMIT_S SCRIPT ARGS...: run one bench under min(LIMIT_S, t
   local rc=$?
   grep -v '^\[' "$OUT/$name.log" | tail -n 30
   echo "[$name: exit $rc at ${SECONDS}s]"
+  (( rc == 0 )) || failed+=("$name (exit $rc)")
 }
+failed=()
 
 "$PY" - <<'EOF' 2>&1
 import importlib
@@ -73,3 +76,7 @@ part unet_compile 300 bench/train_step.py --parts unet --width "$W" --batch "$B"
 part ae_bf16 250 bench/train_step.py --parts ae --ae_ch "$AE_CH" --ae_size "$AE_S" \
   --ae_batch "$AE_B" --dtype bfloat16 --steps "$STEPS" --warmup 2 --torch_modes eager,eager_cl
 echo "[suite done at ${SECONDS}s of ${BUDGET_S}s]"
+if (( ${#failed[@]} )); then
+  echo "failed parts: ${failed[*]} (logs in $OUT; exit 124 = ran out of its time limit)" >&2
+  exit 1
+fi

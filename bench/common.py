@@ -170,7 +170,7 @@ def flops_of(compiled) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
-def xla_flops(fn, args: tuple, *, static_argnums=()) -> float:
+def xla_flops(fn, args: tuple, *, static_argnums=(), host: bool | None = None) -> float:
     """FLOPs per call of jax.jit(fn) from XLA's cost analysis, with ldm_jax's C++ CPU kernels
     switched off for the compile (XLA does not count a custom call's work: with the kernels on,
     the analysis would miss the convolutions and attention). Same arithmetic: the kernels
@@ -190,7 +190,8 @@ def xla_flops(fn, args: tuple, *, static_argnums=()) -> float:
         with mock.patch.object(cpu_conv, "available", lambda: False), \
                 mock.patch.object(attention, "default_implementation", off):
             fresh = lambda *a: fn(*a)
-            if on_accelerator():
+            # host=None: the host count on an accelerator, the compiled count on CPU.
+            if on_accelerator() if host is None else host:
                 return host_lowered_flops(fresh, args, static_argnums)
             return flops_of(jax.jit(fresh, static_argnums=static_argnums).lower(*args)
                             .compile())

@@ -28,7 +28,7 @@ autocast to --dtype over float32 weights, one row per mode; the peak is an 8192^
 Usage: python bench/train_step.py [--width 64] [--batch 4] [--size 64] [--channels 3]
   [--ae_ch 64] [--ae_size 64] [--ae_batch 4] [--parts unet,ae] [--torch_modes eager,eager_cl,
   compile] [--torch_threads 1,2] [--steps 5] [--warmup 2] [--peak_gflops 0 (measure)] [--conv_impl X]
-  [--omp_wait_policy passive] [--json out.json]
+  [--omp_wait_policy passive] [--json out.json] [--flops_only]
 """
 
 from __future__ import annotations
@@ -65,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--ae_lpips", choices=("on", "off"), default="on",
                    help="perceptual term (random VGG weights) on both sides")
     p.add_argument("--skip_model_row", action="store_true", help="skip the 'ldm_jax model' row")
+    p.add_argument("--flops_only", action="store_true",
+                   help="print the FLOPs of the stage-2 task step as an accelerator run counts "
+                        "them (host CPU cost analysis of the lowered program) and exit: no "
+                        "compile, no step, no torch")
     p.add_argument("--torch_modes", default="eager,eager_cl,compile",
                    help="comma list of eager, eager_cl (channels_last), compile")
     common.add_common_args(p, steps=5, warmup=2)
@@ -442,9 +446,32 @@ def _finish(part, rows, flops, params, a, extra):
     return summary
 
 
+def print_task_flops(a) -> float:
+    """--flops_only: the stage-2 task step's FLOPs at --width/--batch/--size/--channels/--dtype,
+    counted from the traced program without compiling it, as a GPU run counts them: XLA's
+    convolutions and jax.nn.dot_product_attention's 'xla' attention, whatever this machine is."""
+    import jax
+    config, _ = common.diffusion_config(a.config, width=a.width, size=a.size,
+                                        channels=a.channels, batch=a.batch, dtype=a.dtype,
+                                        conv_impl="xla")
+    common.set_field(config, "model.attention_impl", "xla")
+    from ldm_jax.tasks.diffusion import DiffusionTask
+    task = DiffusionTask(config)
+    state = jax.eval_shape(task.init_state, jax.random.key(config.seed))
+    shape = (a.batch,) + tuple(task.latents.latent_shape)
+    batch = {task.input_key: jax.ShapeDtypeStruct(shape, np.float32)}
+    flops = common.xla_flops(functools.partial(task.train_step, phase="main"),
+                             (state, batch, task.constants()), host=True)
+    print(f"stage-2 task step FLOPs ({a.config}, width {a.width}, batch {a.batch}, "
+          f"{a.size}x{a.size}x{a.channels}, {a.dtype}): {flops:.6g}")
+    return flops
+
+
 def main(argv=None):
     a = parse_args(argv)
     a.ae_batch = a.ae_batch or a.batch
+    if a.flops_only:
+        return print_task_flops(a)
     parts = set(common.comma_list(a.parts))
     load0 = os.getloadavg()
     torch = None if a.skip_torch else common.import_torch(a)

@@ -54,3 +54,27 @@ def test_matmul_peak_records_dtype_and_size():
     out = common.matmul_peak_gflops(n=256, reps=1, dtype="bfloat16")
     assert out["dtype"] == "bfloat16" and out["n"] == 256
     assert out["peak"] == out["jax"] > 0
+
+
+def test_flops_only_matches_the_compiled_step_with_the_gpu_choices():
+    """train_step.py --flops_only counts the task step as a GPU run does (XLA convolutions,
+    'xla' attention) without compiling it; the compiled count of that program agrees."""
+    import functools
+
+    from bench import train_step
+    from ldm_jax.tasks.diffusion import DiffusionTask
+    # A namespace, not parse_args: the scripts' parser re-executes the process with malloc
+    # tunables (ldm_jax/cli/host_memory.py), which must not happen inside pytest.
+    a = types.SimpleNamespace(config="configs/f4_celebahq.py", width=32, batch=2, size=16,
+                              channels=3, dtype="float32")
+    counted = train_step.print_task_flops(a)
+    config, _ = common.diffusion_config(a.config, width=32, size=16, channels=3, batch=2,
+                                        conv_impl="xla")
+    common.set_field(config, "model.attention_impl", "xla")
+    task = DiffusionTask(config)
+    state = jax.eval_shape(task.init_state, jax.random.key(0))
+    batch = {task.input_key: jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)}
+    compiled = common.xla_flops(functools.partial(task.train_step, phase="main"),
+                                (state, batch, task.constants()), host=False)
+    assert counted > 1e9
+    assert abs(counted - compiled) / compiled < 0.05, (counted, compiled)
