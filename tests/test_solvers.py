@@ -68,21 +68,32 @@ def x_T_and_noises(num_steps):
     return x_T, noises
 
 
-def run_jax(name, parameterization, num_steps, x_T, **kw):
+def run_jax(name, parameterization, num_steps, x_T, schedule=SCHED, **kw):
     factory_kw = {k: v for k, v in kw.items() if k != "noises"}
-    sample = S.get_sampler(name)(SCHED, num_steps=num_steps, parameterization=parameterization,
-                                 **factory_kw)
+    sample = S.get_sampler(name)(schedule, num_steps=num_steps,
+                                 parameterization=parameterization, **factory_kw)
     call_kw = {"noises": jnp.asarray(kw["noises"])} if "noises" in kw else {}
     fn = jax.jit(lambda x: sample(jax_model(parameterization), SHAPE, jax.random.key(0),
                                   x_T=x, **call_kw))
     return np.asarray(fn(jnp.asarray(x_T)))
 
 
-def diffusers_scheduler(cls_name, parameterization, **kw):
+def diffusers_scheduler(cls_name, parameterization, beta_schedule="scaled_linear",
+                        beta_start=BETA0, beta_end=BETA1, **kw):
     diffusers = require("diffusers")
     cls = getattr(diffusers, cls_name)
-    return cls(num_train_timesteps=T, beta_start=BETA0, beta_end=BETA1,
-               beta_schedule="scaled_linear", prediction_type=PREDICTION[parameterization], **kw)
+    return cls(num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end,
+               beta_schedule=beta_schedule, prediction_type=PREDICTION[parameterization], **kw)
+
+
+def diffusers_chain(sched, parameterization, x_T):
+    """diffusers' sampling loop (the pipeline's) on the toy model, from x_T."""
+    torch = require("torch")
+    x = torch.from_numpy(x_T) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        out = toy_model(torch, sched.scale_model_input(x, t), t, parameterization)
+        x = sched.step(out, t, x).prev_sample
+    return x.numpy()
 
 
 # ------------------------------------------------------------------------------ dpmpp_2m
@@ -101,16 +112,12 @@ def test_dpmpp_2m_matches_diffusers(parameterization, num_steps, karras):
     sched.set_timesteps(num_steps)
     ts, sigmas = solvers.dpmpp_2m_schedule(SCHED, num_steps, karras)
     np.testing.assert_array_equal(ts, sched.timesteps.numpy())
-    # Not tighter: diffusers forms abar by a float32 cumprod (ours is float64).
-    np.testing.assert_allclose(sigmas, sched.sigmas.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(sigmas, sched.sigmas.numpy(), rtol=1e-6)
 
     x_T, _ = x_T_and_noises(num_steps)
-    x = torch.from_numpy(x_T) * sched.init_noise_sigma
-    for t in sched.timesteps:
-        out = toy_model(torch, sched.scale_model_input(x, t), t, parameterization)
-        x = sched.step(out, t, x).prev_sample
+    theirs = diffusers_chain(sched, parameterization, x_T)
     ours = run_jax("dpmpp_2m", parameterization, num_steps, x_T, karras_sigmas=karras)
-    err = rel_err(ours, x.numpy())
+    err = rel_err(ours, theirs)
     print(f"dpmpp_2m {parameterization} steps={num_steps} karras={karras}: rel err {err:.2e}")
     assert err <= TOL
 
@@ -127,8 +134,7 @@ def test_euler_a_matches_diffusers(parameterization, num_steps, monkeypatch):
     sched.set_timesteps(num_steps)
     ts, sigmas = solvers.euler_a_schedule(SCHED, num_steps)
     np.testing.assert_array_equal(ts, sched.timesteps.numpy())
-    # Not tighter: diffusers forms abar by a float32 cumprod (ours is float64).
-    np.testing.assert_allclose(sigmas, sched.sigmas.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(sigmas, sched.sigmas.numpy(), rtol=1e-6)
 
     x_T, noises = x_T_and_noises(num_steps)
     queue = [torch.from_numpy(n) for n in noises]
@@ -141,6 +147,53 @@ def test_euler_a_matches_diffusers(parameterization, num_steps, monkeypatch):
     ours = run_jax("euler_a", parameterization, num_steps, x_T, noises=noises)
     err = rel_err(ours, x.numpy())
     print(f"euler_a {parameterization} steps={num_steps}: rel err {err:.2e}")
+    assert err <= TOL
+
+
+# The repo's schedule names against diffusers' beta_schedule, with each one's beta range.
+OTHER_SCHEDULES = {
+    "sd": (("linear", 0.00085, 0.012), "scaled_linear"),  # Stable Diffusion's
+    "ddpm": (("sqrt_linear", 1e-4, 0.02), "linear"),
+    "cosine": (("cosine", 1e-4, 0.02), "squaredcos_cap_v2"),
+}
+
+
+@pytest.mark.parametrize("schedule,name,parameterization,num_steps,karras", [
+    ("ddpm", "dpmpp_2m", "eps", 7, True),
+    ("ddpm", "euler_a", "v", 1, False),  # a one-step chain: t = 0 alone (sigma_0)
+    ("sd", "dpmpp_2m", "v", 1, True),
+    ("sd", "euler_a", "eps", 1, False),
+    ("cosine", "dpmpp_2m", "eps", 20, False),
+    ("cosine", "euler_a", "eps", 7, False),
+])
+def test_other_schedules_match_diffusers(schedule, name, parameterization, num_steps, karras,
+                                         monkeypatch):
+    """Other beta schedules and step counts down to one. At t = 0, diffusers' float32
+    sigma_0 = sqrt((1 - abar_0) / abar_0) carries ~1e-4 relative cancellation error; the
+    samplers take diffusers' noise levels as they are, so these chains match too."""
+    torch = require("torch")
+    (kind, beta0, beta1), theirs_kind = OTHER_SCHEDULES[schedule]
+    ours_sched = DiffusionSchedule.from_config(kind, T, beta0, beta1)
+    kw = dict(beta_schedule=theirs_kind, beta_start=beta0, beta_end=beta1)
+    if name == "dpmpp_2m":
+        sched = diffusers_scheduler("DPMSolverMultistepScheduler", parameterization,
+                                    algorithm_type="dpmsolver++", solver_order=2,
+                                    solver_type="midpoint", lower_order_final=True,
+                                    use_karras_sigmas=karras, **kw)
+        ours_kw = dict(karras_sigmas=karras)
+    else:
+        sched = diffusers_scheduler("EulerAncestralDiscreteScheduler", parameterization, **kw)
+    sched.set_timesteps(num_steps)
+    x_T, noises = x_T_and_noises(num_steps)
+    if name == "euler_a":
+        from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_module
+        queue = [torch.from_numpy(n) for n in noises]
+        monkeypatch.setattr(euler_module, "randn_tensor", lambda shape, **kw: queue.pop(0))
+        ours_kw = dict(noises=noises)
+    theirs = diffusers_chain(sched, parameterization, x_T)
+    ours = run_jax(name, parameterization, num_steps, x_T, schedule=ours_sched, **ours_kw)
+    err = rel_err(ours, theirs)
+    print(f"{name} {schedule} {parameterization} steps={num_steps}: rel err {err:.2e}")
     assert err <= TOL
 
 

@@ -6,10 +6,12 @@ follow the same contract as DDIM/PLMS: a factory taking the schedule and setting
     sample(model_fn, shape, rng, *, x_T=None) -> x0 sample of ``shape``
 
 with the whole chain in one `jax.lax.fori_loop`, per-step coefficients computed on the host in
-float64 (baked in as float32 constants), and ``rng`` one key or one key per example.
+float64 (baked in as float32 constants) from diffusers' float32 noise levels (see
+`train_sigmas`), and ``rng`` one key or one key per example.
 
 Both reproduce a diffusers scheduler loop step for step (diffusers 0.42, default settings
-unless stated; tests/test_solvers.py checks the final samples to <= 1e-5 relative):
+unless stated; tests/test_solvers.py checks the final samples to <= 1e-5 relative for the
+scaled-linear, linear and cosine beta schedules and 1 to 50 steps):
 
 * ``dpmpp_2m`` = ``DPMSolverMultistepScheduler(algorithm_type='dpmsolver++', solver_order=2,
   solver_type='midpoint', lower_order_final=True, final_sigmas_type='zero',
@@ -34,16 +36,28 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.diffusion.schedules import DiffusionSchedule, alphas_cumprod_f64
+from ldm_jax.diffusion.schedules import DiffusionSchedule
 from ldm_jax.diffusion.sampler_registry import (_check_parameterization, _fold_in,
                                                 _initial_noise, _normal, _split,
                                                 register_sampler)
 
 
 def train_sigmas(schedule: DiffusionSchedule) -> np.ndarray:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..T-1, float64 (increasing in t)."""
-    abar = alphas_cumprod_f64(schedule)
-    return np.sqrt((1.0 - abar) / abar)
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..T-1 (increasing in t), in diffusers'
+    arithmetic, returned as float64.
+
+    diffusers builds these in float32 torch: alphas = 1 - betas in float32, abar their
+    cumulative product (torch's CPU cumprod accumulates in float64 and rounds each entry to
+    float32), and sigma from that float32 abar in float32. At small t, 1 - abar cancels in
+    float32 (beta_0 = 1e-4 keeps only about four digits), so sigma_0 there differs from the
+    float64 value by up to ~1e-4 relative. The solvers reproduce diffusers' levels, rounding
+    included: the first Karras level and the last Euler step (t = 0) use sigma_0, and an
+    exact sigma_0 would move a short chain's result by more than the 1e-5 parity.
+    """
+    alphas = np.float32(1.0) - np.asarray(schedule.betas, np.float32)
+    abar = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+    sigmas = np.sqrt((np.float32(1.0) - abar) / abar)
+    return sigmas.astype(np.float64)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int,
