@@ -6,7 +6,7 @@ What lives here, so that every script times, reports and records the same way:
   timed_steps          warm-up then timed calls of a step (per-call seconds)
   summarize            median/min ms and items/s of a list of step times
   flops_of             FLOPs of a compiled XLA executable (cost_analysis)
-  xla_flops            FLOPs of a function with ldm_jax's CPU kernels off (custom calls uncounted)
+  xla_flops            model FLOPs of a function (XLA convolutions and 'xla' attention)
   aot_compile          jax.jit(...).lower(...).compile() with the time it took
   count_params         parameters in a pytree / a torch module
   machine_info         CPU model, nproc, load average, versions, XLA_FLAGS (printed + JSON)
@@ -171,24 +171,28 @@ def flops_of(compiled) -> float:
 
 
 def xla_flops(fn, args: tuple, *, static_argnums=(), host: bool | None = None) -> float:
-    """FLOPs per call of jax.jit(fn) from XLA's cost analysis, with ldm_jax's C++ CPU kernels
-    switched off for the compile (XLA does not count a custom call's work: with the kernels on,
-    the analysis would miss the convolutions and attention). Same arithmetic: the kernels
-    compute what the XLA formulations they replace compute ('chunked' attention recomputes the
-    probabilities as the kernel does)."""
+    """The model FLOPs per call of jax.jit(fn): XLA's cost analysis of fn traced with every
+    convolution as XLA's own and attention as 'xla' (scores, softmax and their gradients,
+    nothing recomputed), whatever this machine would run.
+
+    Why one formulation for the count: MFU compares the model's arithmetic with the time taken,
+    so every row of a table (ldm_jax on CPU or GPU, torch) shares this numerator. The
+    formulations ldm_jax picks per backend would each count differently: ldm_jax's C++ CPU
+    kernels are custom calls XLA does not count (nor cuDNN's fused attention); the GEMM weight
+    gradient multiplies the zero padding that XLA's convolution count leaves out (+3 % for a
+    width-64 UNet step); and 'chunked' attention recomputes the probabilities in the backward
+    pass, walking (batch, head) groups in a loop whose body the analysis counts once (at the
+    paper's batch 48 that undercounts the width-224 step by 5 %)."""
     import jax
     from unittest import mock
 
-    from ldm_jax.kernels import cpu_conv
-    from ldm_jax.models import attention
-    # 'xla' off the CPU: cuDNN's fused attention is a custom call that XLA does not count either.
-    off = lambda dtype: "chunked" if jax.default_backend() == "cpu" else "xla"
+    from ldm_jax.models import attention, conv
     # jit caches traces per function: without clearing, this compile could reuse a trace made
     # with the kernels (or leave its kernel-less trace for the timed compile that follows).
     jax.clear_caches()
     try:
-        with mock.patch.object(cpu_conv, "available", lambda: False), \
-                mock.patch.object(attention, "default_implementation", off):
+        with mock.patch.object(conv, "resolve_weight_grad", lambda *a, **k: "xla"), \
+                mock.patch.object(attention, "_resolve", lambda *a, **k: "xla"):
             fresh = lambda *a: fn(*a)
             # host=None: the host count on an accelerator, the compiled count on CPU.
             if on_accelerator() if host is None else host:

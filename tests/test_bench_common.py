@@ -78,3 +78,32 @@ def test_flops_only_matches_the_compiled_step_with_the_gpu_choices():
                                 (state, batch, task.constants()), host=False)
     assert counted > 1e9
     assert abs(counted - compiled) / compiled < 0.05, (counted, compiled)
+
+
+def test_xla_flops_counts_the_model_not_the_formulation():
+    """Every formulation of a conv + attention layer counts as XLA's convolution and 'xla'
+    attention: the GEMM weight gradient (which multiplies the zero padding) and chunked
+    attention walking its (batch, head) groups in a loop (whose body the analysis counts once)
+    would each give another number."""
+    from unittest import mock
+
+    from ldm_jax.models import attention, chunked_attention, conv
+
+    def step(conv_impl, attn_impl):
+        def loss(x, w):
+            y = conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), weight_grad=conv_impl)
+            q = y.reshape(4, 64, 4, 8)
+            return jnp.sum(attention.attention(q, q, q, implementation=attn_impl) ** 2)
+        return jax.grad(loss, argnums=(0, 1))
+
+    args = (np.ones((4, 8, 8, 32), np.float32), np.full((3, 3, 32, 32), 0.01, np.float32))
+    # Groups of 2 of the 16 (batch, head) pairs: the chunked loop runs 8 times.
+    with mock.patch.object(chunked_attention, "MAX_STEP_ELEMENTS", 2 * 64 * 64):
+        reference = common.xla_flops(step("xla", "xla"), args)
+        for impls in (("gemm", "chunked"), ("gemm", "xla"), ("xla", "chunked")):
+            assert common.xla_flops(step(*impls), args) == reference, impls
+        # Counted as they run, the formulations differ (what the count above avoids).
+        raw = lambda impls: common.flops_of(jax.jit(step(*impls)).lower(*args).compile())
+        assert raw(("xla", "chunked")) < raw(("xla", "xla")) < raw(("gemm", "xla"))
+    # Forward + both gradients of the convolution alone are at least 3 x 2 x 4*8*8*9*32*32.
+    assert reference > 3 * 2 * 4 * 8 * 8 * 9 * 32 * 32
