@@ -5,8 +5,11 @@ at --width/--batch/--size/--channels on synthetic latents, AOT compiled with the
 as the trainer does), traces --steps calls, and joins the trace's per-thunk times with the
 compiled HLO: each fused computation is classed by what it contains (convolution forward /
 input gradient / weight gradient, dot, reduce, copy/transpose, other) and attributed to the
-model block in its op_name metadata (input_blocks_4_1, ...). Also counts the minor page faults
-per step (see docs/performance.md, "Host memory"). Prints three tables; --json writes them.
+model block in its op_name metadata (input_blocks_4_1, ...). On a GPU it reads the kernels on
+the device's timeline (each names its HLO instruction) and classes cuDNN/cuBLAS calls by their
+target; the ops' total against the step time gives the device's idle share. Also counts the
+minor page faults per step (see docs/performance.md, "Host memory"). Prints three tables;
+--json writes them.
 
     python bench/profile_step.py --width 64 --batch 4 --size 64
 Not a test (lives in bench/).
@@ -82,6 +85,16 @@ def _hlo_index(hlo: str):
     return index
 
 
+# GPU library calls by custom-call target prefix (XLA:GPU's names): what each one computes.
+_GPU_TARGETS = (
+    ("__cudnn$convBackwardInput", "conv input gradient"),
+    ("__cudnn$convBackwardFilter", "conv weight gradient"),
+    ("__cudnn$conv", "conv forward"),   # convForward, convBiasActivationForward
+    ("__cudnn$fmha", "attention (cuDNN fused)"),
+    ("__cublas", "dot (matmul)"),        # __cublas$gemm, __cublas$lt$matmul
+)
+
+
 def _kind(name: str, op_name: str, kinds: set) -> str:
     backward = "transpose(" in op_name
     targets = [k[len("target:"):] for k in kinds if k.startswith("target:")]
@@ -91,6 +104,11 @@ def _kind(name: str, op_name: str, kinds: set) -> str:
         what = "attention" if "attention" in target else "conv"
         part = "forward" if target.endswith(("forward", "forward_packed")) else "backward"
         return f"ldm_jax kernel: {what} {part}"
+    for prefix, kind in _GPU_TARGETS:
+        if any(t.startswith(prefix) for t in targets):
+            if kind == "dot (matmul)":
+                return f"dot (matmul) {'backward' if backward else 'forward'}"
+            return kind
     if "convolution" in kinds:
         return "conv input/weight gradient" if backward else "conv forward"
     if "dot" in kinds:
@@ -102,6 +120,40 @@ def _kind(name: str, op_name: str, kinds: set) -> str:
     if "concatenate" in kinds:
         return "concatenate (skip connections, im2col)"
     return "elementwise / other"
+
+
+def op_events(events: list, index: dict):
+    """(HLO instruction, duration us, event) for the trace's executions of the step's ops.
+
+    CPU: the thunk events of the host, named after their instruction. GPU/TPU: the kernels on
+    the device's timeline (process '/device:GPU:0', ...), each naming the instruction that
+    launched it in args['hlo_op'] (a cuDNN convolution may run several kernels; all count). The
+    host's launch events of the same instructions are left out, or a GPU op would count twice."""
+    names = {e.get("pid"): str((e.get("args") or {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, n in names.items() if re.search(r"/device:(GPU|TPU)", n)}
+    out = []
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        if devices and e.get("pid") not in devices:
+            continue
+        op = (e.get("args") or {}).get("hlo_op") or e.get("name")
+        if op in index:
+            out.append((op, float(e.get("dur", 0)), e))
+    return out, bool(devices)
+
+
+def trace_events(run, steps: int) -> list:
+    """The perfetto trace events of `steps` calls of run() (blocking), from jax.profiler."""
+    import jax
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                run()
+        trace = json.load(gzip.open(glob.glob(f"{tmp}/**/perfetto_trace.json.gz",
+                                              recursive=True)[0]))
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
 def main(argv=None):
@@ -124,33 +176,34 @@ def main(argv=None):
     step_s = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(a.steps):
-                run()
-        trace = json.load(gzip.open(glob.glob(f"{tmp}/**/perfetto_trace.json.gz",
-                                              recursive=True)[0]))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    events = trace_events(run, a.steps)
     index = _hlo_index(compiled.as_text())
     by_kind, by_block = collections.Counter(), collections.defaultdict(collections.Counter)
     by_thunk = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("name") in index:
-            op_name, kinds = index[e["name"]]
-            ms = e.get("dur", 0) / 1e3 / a.steps
-            kind = _kind(e["name"], op_name, kinds)
-            by_kind[kind] += ms
-            block = _BLOCK.search(op_name)
-            block = block.group(1) if block else "(outside the UNet)"
-            by_block[block][kind] += ms
-            if a.ops in (block, "ALL"):
-                by_thunk[(e["name"], kind, op_name.split("/")[-1][:60])] += ms
+    ops, on_device = op_events(events, index)
+    for op, dur_us, _ in ops:
+        op_name, kinds = index[op]
+        ms = dur_us / 1e3 / a.steps
+        kind = _kind(op, op_name, kinds)
+        by_kind[kind] += ms
+        block = _BLOCK.search(op_name)
+        block = block.group(1) if block else "(outside the UNet)"
+        by_block[block][kind] += ms
+        if a.ops in (block, "ALL"):
+            by_thunk[(op, kind, op_name.split("/")[-1][:60])] += ms
     total = sum(by_kind.values())
+    if not total:
+        sys.exit("the trace holds no events of the step's HLO instructions: this jax's "
+                 "profiler format is not the one bench/profile_step.py reads")
 
     info = common.machine_info(load0)
     print(f"train step: {a.config} width {a.width}, batch {a.batch}, "
           f"{a.size}x{a.size}x{a.channels}, {a.dtype}, conv {applied}; "
           f"step {step_s * 1e3:.0f} ms untraced, {faults} minor page faults per step")
+    # On a device the ops' sum against the step shows the idle time between kernels (launch
+    # gaps, host work); on CPU the thunks of two threads may overlap, so it can exceed 100 %.
+    print(f"{'device kernels' if on_device else 'thunks'}: {total:.1f} ms per step, "
+          f"{100 * total / (step_s * 1e3):.0f} % of the untraced step")
     kind_rows = [{"kind": k, "ms": v, "share": 100 * v / total} for k, v in by_kind.most_common()]
     common.print_table([("kind", "kind", ""), ("ms", "ms/step", ".1f"), ("share", "%", ".1f")],
                        kind_rows)
@@ -170,6 +223,7 @@ def main(argv=None):
     common.print_machine(info)
     if a.json:
         common.write_json(a.json, {"args": vars(a), "step_ms": step_s * 1e3,
+                                   "ops_ms": total, "on_device": on_device,
                                    "page_faults": faults, "by_kind": kind_rows,
                                    "by_block": block_rows, "machine": info})
 
