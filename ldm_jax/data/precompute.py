@@ -11,7 +11,8 @@ over the mesh, parameters replicated) and written UNSCALED as array_record shard
 set that reads with no TensorFlow; the layout and metadata are described in
 `ldm_jax.data.latents`.
 
-Three steps, one function each: `_plan` (first stage, splits, shard layout, features),
+Reading a shard's records is `ldm_jax.data.precompute_reading`; the precompute itself has
+three steps, one function each: `_plan` (first stage, splits, shard layout, features),
 `_scale_factor` (fixed, or scale_by_std over the train split) and `_metadata`. With
 `conditioning.precompute_context` each record also gets the frozen text encoder's context of
 its captions (`_add_context`, on the host's first device), and the metadata its identity.
@@ -38,7 +39,6 @@ metadata after a barrier.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -49,7 +49,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
@@ -57,8 +56,10 @@ from jax.sharding import PartitionSpec as P
 from ldm_jax.config import loading as config_lib
 from ldm_jax.data import conditioning_fields
 from ldm_jax.data import latents as latents_lib
-from ldm_jax.data import latents_writer, pipeline, registry, transforms
+from ldm_jax.data import latents_writer, pipeline, registry
 from ldm_jax.data.latents_writer import PrecomputeError
+from ldm_jax.data import precompute_reading as reading
+from ldm_jax.data.precompute_reading import ImageOptions
 from ldm_jax.parallel import sharding
 from ldm_jax.storage import files
 
@@ -69,157 +70,6 @@ _SOURCE_IDENTITY_FIELDS = ("source", "name", "folder", "image_size", "image_key"
 # Also identity, but only when set (run.json files written before they existed lack them).
 _CONDITIONING_IDENTITY_FIELDS = ("caption_key", "boxes_key", "box_labels_key", "box_format",
                                  "segmentation_key", "low_res_key")
-
-
-# ---------------------------------------------------------------------------------- helpers
-
-
-def _reader_cfg(source_data) -> ml_collections.ConfigDict:
-    """source_data as a `data` config for the pipeline: eval-style reads, no label check
-    (labels travel with the other conditioning fields)."""
-    cfg = copy.deepcopy(source_data)
-    cfg.random_crop = False
-    cfg.random_flip = False
-    cfg.label_key = None
-    return cfg
-
-
-# ---------------------------------------------------------------------------------- reading
-
-
-class _RangeSource:
-    """Records [start, stop) of a source, re-indexed from 0 (one shard's worth)."""
-
-    def __init__(self, source, start: int, stop: int):
-        self._source, self._start, self._len = source, start, stop - start
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, i: int) -> dict:
-        return self._source[self._start + int(i)]
-
-
-@dataclasses.dataclass(frozen=True)
-class _ImageOptions:
-    """What a record stores besides its latent and kept fields: the encoded image
-    (keep_images) and the dtype of the label map feature (uint8 or int32)."""
-
-    keep_images: bool = False
-    segmentation_dtype: Any = np.uint8
-
-
-class _ShardExampleFn:
-    """(index in shard, raw example) -> {'image', 'index' (in split), 'extras' (kept fields)}.
-
-    Canonical conditioning fields (`canonical`: the source's `canonical_keys`) are stored in
-    their fixed types, with boxes, label maps and low-resolution images moved into the frame
-    of the encoded, center-cropped image; with `options.keep_images` the extras also hold that
-    image as 'image' uint8 [H, W, 3].
-    """
-
-    def __init__(self, data_cfg, keep: Sequence[str], offset: int,
-                 canonical: Sequence[str] = (), options: _ImageOptions = _ImageOptions()):
-        self._image_fn = pipeline._ExampleFn(data_cfg, train=False)  # pylint: disable=protected-access
-        self._image_key, self._size = data_cfg.image_key, int(data_cfg.image_size)
-        self._keep, self._offset = tuple(keep), offset
-        canonical = tuple(k for k in canonical if k in self._keep)
-        # Image fields are moved here, from the raw example: the image pipeline never sees
-        # them, so they are transformed exactly once.
-        self._image_fields = tuple(k for k in canonical
-                                   if k in conditioning_fields.IMAGE_FIELDS)
-        self._canonical = tuple(k for k in canonical if k not in self._image_fields)
-        self._options = options
-
-    def __call__(self, indexed):
-        index, example = indexed
-        raw = {k: example[k] for k in self._image_fields if k in example}
-        if raw:
-            example = {k: v for k, v in example.items() if k not in raw}
-        out, fields = self._image_fn.example_and_fields((index, example),
-                                                        with_fields=bool(self._canonical))
-        # 0-d arrays -> python scalars / bytes: what TFDS's ClassLabel and Text encoders take.
-        extras = {k: example[k].item() if np.ndim(example[k]) == 0 and
-                  isinstance(example[k], np.ndarray) else example[k]
-                  for k in self._keep if k not in self._image_fields}
-        extras.update(self._moved_image_fields(raw, example, index))
-        if self._options.keep_images:
-            # The encoded pixels themselves: uint8 -> [-1, 1] -> uint8 is exact.
-            extras[conditioning_fields.IMAGE] = transforms.images_to_uint8(out["image"])
-        for key in self._canonical:
-            value = fields.get(key)
-            if key == conditioning_fields.CAPTION:
-                value = conditioning_fields.caption_list(value if value is not None else "")
-            elif value is None:  # box labels without boxes: empty like the boxes
-                value = np.zeros((0, 4) if key == conditioning_fields.BOXES else (0,),
-                                 np.float32 if key == conditioning_fields.BOXES else np.int64)
-            extras[key] = value
-        return {"image": out["image"], "index": index + self._offset, "extras": extras}
-
-    def _moved_image_fields(self, raw: dict, example: dict, index: int) -> dict:
-        """The label map / low-resolution image of a raw example in the encoded frame (the
-        eval preprocessing's center crop, `conditioning_fields.center_geometry`)."""
-        if not raw:
-            return {}
-        height, width = np.shape(example[self._image_key])[:2]
-        geometry = conditioning_fields.center_geometry(height, width, self._size)
-        moved = conditioning_fields.transform_image_fields(raw, geometry, (height, width))
-        seg = moved.get(conditioning_fields.SEGMENTATION)
-        if seg is not None:
-            dtype = np.dtype(self._options.segmentation_dtype)
-            if seg.size and int(seg.max()) > np.iinfo(dtype).max:
-                raise PrecomputeError(
-                    f"example {index + self._offset}'s label map has class id {int(seg.max())}, "
-                    f"but the first example fixed the stored segmentation dtype to {dtype}; "
-                    "give the source's label maps one integer type (int32 for ids above 255).")
-            moved[conditioning_fields.SEGMENTATION] = seg.astype(dtype)
-        return moved
-
-
-def _shard_batches(source, data_cfg, keep, start: int, stop: int, local_batch: int,
-                   num_batches: int, image_shape,
-                   image_options: _ImageOptions = _ImageOptions()):
-    """Host-local batches of one shard: {'image', 'index', 'mask', 'extras' (list)}.
-
-    Reuses the image pipeline's eval preprocessing (center crop, no flip) and its threaded
-    reads; batches are assembled here because conditioning fields (captions, variable-length
-    boxes) cannot be stacked by grain. Padded with zero images (mask False) to `num_batches`
-    so every host runs the same number of encode steps in a round.
-    """
-    import grain
-
-    examples = iter(())
-    if stop > start:
-        ds = grain.MapDataset.source(_RangeSource(source, start, stop)).map_with_index(
-            lambda i, x: (i, x)).map(_ShardExampleFn(
-                data_cfg, keep, start, getattr(source, "canonical_keys", ()), image_options))
-        threads = int(data_cfg.num_threads)
-        options = grain.ReadOptions(num_threads=threads if threads > 1 else 0,
-                                    prefetch_buffer_size=max(int(data_cfg.prefetch), 1)
-                                    if threads > 1 else 0)
-        examples = iter(ds.to_iter_dataset(options))
-    for _ in range(num_batches):
-        rows = [e for _, e in zip(range(local_batch), examples)]
-        n = len(rows)
-        images = np.zeros((local_batch,) + tuple(image_shape), np.float32)
-        index = np.zeros((local_batch,), np.int32)
-        for j, row in enumerate(rows):
-            images[j], index[j] = row["image"], row["index"]
-        yield {"image": images, "index": index, "mask": np.arange(local_batch) < n,
-               "extras": [row["extras"] for row in rows]}
-
-
-class _Subset:
-    """The records `indices` of a source (the scale_by_std sample)."""
-
-    def __init__(self, source, indices: np.ndarray):
-        self._source, self._indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self._source[int(self._indices[int(i)])]
 
 
 # --------------------------------------------------------------------------------- encoding
@@ -275,7 +125,7 @@ def scale_by_std(encode, params, mesh, source, data_cfg, *, num_examples: int, s
         raise PrecomputeError(f"latents.scale_num_examples={num_examples}: need at least 1.")
     indices = np.sort(np.random.default_rng(seed).choice(len(source), n, replace=False))
     iterator = pipeline.make_eval_iterator(data_cfg, global_batch_size=global_batch,
-                                           source=_Subset(source, indices))
+                                           source=reading.Subset(source, indices))
     rows = []
     for local in iterator:
         position = np.where(local["mask"], local["index"], 0)
@@ -382,7 +232,7 @@ class _Plan:
     latent_shape: list
     stored_shape: list
     context: Any = None  # the TextCondition whose context is stored (precompute_context)
-    images: _ImageOptions = _ImageOptions()  # keep_images, the label map dtype
+    images: ImageOptions = ImageOptions()  # keep_images, the label map dtype
 
     @property
     def counts(self) -> dict:
@@ -431,7 +281,7 @@ def _plan(config, first_stage_dir, output_dir, *, splits, batch_size, examples_p
                  stored_shape=stored_shape, context=context, images=images)
 
 
-def _image_features(source, src, keep_images: bool) -> tuple[_ImageOptions, dict]:
+def _image_features(source, src, keep_images: bool) -> tuple[ImageOptions, dict]:
     """(options, fixed latents features) of the stored image (keep_images) and of the
     source's image fields ('segmentation', 'low_res'), their shapes and the label map's
     dtype taken from the first example in the encoded frame (`src`: config.source_data)."""
@@ -440,7 +290,7 @@ def _image_features(source, src, keep_images: bool) -> tuple[_ImageOptions, dict
     canonical = getattr(source, "canonical_keys", ())
     keys = [k for k in conditioning_fields.IMAGE_FIELDS if k in canonical]
     if not keys:
-        return _ImageOptions(keep_images), features
+        return ImageOptions(keep_images), features
     first = source[0]
     image_key = src.image_key
     if image_key not in first:
@@ -459,7 +309,7 @@ def _image_features(source, src, keep_images: bool) -> tuple[_ImageOptions, dict
     for key, value in moved.items():
         features[key] = latents_lib.canonical_feature(
             key, value.shape, dtype if key == conditioning_fields.SEGMENTATION else None)
-    return _ImageOptions(keep_images, dtype), features
+    return ImageOptions(keep_images, dtype), features
 
 
 def _context_condition(config, canonical_keys):
@@ -549,7 +399,7 @@ def _metadata(plan: _Plan, scale: float, scale_source: dict, latents_config: dic
 
 def _encode_shards(pending, *, split_sources, layout, eps, reader_cfg, kept, encode, params, mesh,
                    global_batch, image_shape, latent_key, write, on_shard_written,
-                   image_options: _ImageOptions = _ImageOptions()) -> None:
+                   image_options: ImageOptions = ImageOptions()) -> None:
     """Encodes the pending (split, shard) pairs, dealt round-robin to the processes.
 
     In each round process p encodes pending[round * P + p]; all processes run the same number
@@ -577,8 +427,9 @@ def _encode_shards(pending, *, split_sources, layout, eps, reader_cfg, kept, enc
                 record.update({latent_key: stored[j], "index": int(local["index"][j])})
                 records.append(record)
 
-        for local in _shard_batches(split_sources[split], reader_cfg, kept, start, stop,
-                                    local_batch, steps, image_shape, image_options):
+        for local in reading.shard_batches(split_sources[split], reader_cfg, kept, start,
+                                           stop, local_batch, steps, image_shape,
+                                           image_options):
             batch = sharding.global_batch({"image": local["image"], "index": local["index"]}, mesh)
             out, _ = encode(params, batch["image"], batch["index"])
             # Dispatch is asynchronous: the next batch is read while this one encodes.
@@ -619,7 +470,7 @@ def _encode_pending(plan: _Plan, on_shard_written):
         latents_writer.write_shard(out_root, data_dir, name, serialize, records)
         return name
 
-    reader_cfg = _reader_cfg(plan.src)
+    reader_cfg = reading.reader_cfg(plan.src)
     size = int(plan.src.image_size)
     _encode_shards(pending, split_sources=plan.split_sources, layout=layout,
                    eps=plan.examples_per_shard, reader_cfg=reader_cfg, kept=plan.kept,
