@@ -17,9 +17,10 @@
 # they had there. The parts' limits add up to about 20 minutes, more than the default
 # BUDGET_S=900; a lent device call of at most 10 minutes needs BUDGET_S=540 or less. PARTS picks
 # the parts and their order, e.g. PARTS="profile_bf16 unet_compile ae_bf16" for the rows the
-# H200 run left out. Logs and JSON go to $OUT (default bench/results/accelerator). `bash bench/accelerator_suite.sh smoke` runs the same parts at
-# toy sizes (on CPU too) to check the script itself. Exit status 1 when a part that ran failed
-# (a skipped part is not a failure), 2 on a bad variant, part name or OUT.
+# H200 run left out. Logs and JSON go to $OUT (default bench/results/accelerator).
+# `bash bench/accelerator_suite.sh smoke` runs the same parts at toy sizes (on CPU too) to check
+# the script itself. Exit status 1 when a part that ran failed (a skipped part is not a
+# failure), 2 on a bad variant, part name or OUT.
 #
 # Usage: [OUT=dir] [BUDGET_S=900] [PARTS="unet_bf16 ..."] [PYTHON=python3]
 #        bash bench/accelerator_suite.sh [paper|smoke]

@@ -91,7 +91,6 @@ _GPU_TARGETS = (
     ("__cudnn$convBackwardFilter", "conv weight gradient"),
     ("__cudnn$conv", "conv forward"),   # convForward, convBiasActivationForward
     ("__cudnn$fmha", "attention (cuDNN fused)"),
-    ("__cublas", "dot (matmul)"),        # __cublas$gemm, __cublas$lt$matmul
 )
 
 
@@ -106,12 +105,11 @@ def _kind(name: str, op_name: str, kinds: set) -> str:
         return f"ldm_jax kernel: {what} {part}"
     for prefix, kind in _GPU_TARGETS:
         if any(t.startswith(prefix) for t in targets):
-            if kind == "dot (matmul)":
-                return f"dot (matmul) {'backward' if backward else 'forward'}"
             return kind
     if "convolution" in kinds:
         return "conv input/weight gradient" if backward else "conv forward"
-    if "dot" in kinds:
+    # cuBLAS GEMMs (__cublas$gemm, __cublas$lt$matmul) are XLA:GPU's dots.
+    if "dot" in kinds or any(t.startswith("__cublas") for t in targets):
         return "dot (matmul) backward" if backward else "dot (matmul) forward"
     if "reduce" in kinds:
         return "reduction fusion (norms, softmax sums)"
@@ -123,7 +121,8 @@ def _kind(name: str, op_name: str, kinds: set) -> str:
 
 
 def op_events(events: list, index: dict):
-    """(HLO instruction, duration us, event) for the trace's executions of the step's ops.
+    """([(HLO instruction, duration us)] for the trace's executions of the step's ops, whether
+    the trace has a device timeline).
 
     CPU: the thunk events of the host, named after their instruction. GPU/TPU: the kernels on
     the device's timeline (process '/device:GPU:0', ...), each naming the instruction that
@@ -140,7 +139,7 @@ def op_events(events: list, index: dict):
             continue
         op = (e.get("args") or {}).get("hlo_op") or e.get("name")
         if op in index:
-            out.append((op, float(e.get("dur", 0)), e))
+            out.append((op, float(e.get("dur", 0))))
     return out, bool(devices)
 
 
@@ -181,7 +180,7 @@ def main(argv=None):
     by_kind, by_block = collections.Counter(), collections.defaultdict(collections.Counter)
     by_thunk = collections.Counter()
     ops, on_device = op_events(events, index)
-    for op, dur_us, _ in ops:
+    for op, dur_us in ops:
         op_name, kinds = index[op]
         ms = dur_us / 1e3 / a.steps
         kind = _kind(op, op_name, kinds)

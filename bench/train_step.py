@@ -448,13 +448,12 @@ def _finish(part, rows, flops, params, a, extra):
 
 def print_task_flops(a) -> float:
     """--flops_only: the stage-2 task step's FLOPs at --width/--batch/--size/--channels/--dtype,
-    counted from the traced program without compiling it, as a GPU run counts them: XLA's
-    convolutions and jax.nn.dot_product_attention's 'xla' attention, whatever this machine is."""
+    counted from the traced program without compiling it, as a GPU run counts them (the model
+    FLOPs of `common.xla_flops`: XLA's convolutions and 'xla' attention), whatever this
+    machine is."""
     import jax
     config, _ = common.diffusion_config(a.config, width=a.width, size=a.size,
-                                        channels=a.channels, batch=a.batch, dtype=a.dtype,
-                                        conv_impl="xla")
-    common.set_field(config, "model.attention_impl", "xla")
+                                        channels=a.channels, batch=a.batch, dtype=a.dtype)
     from ldm_jax.tasks.diffusion import DiffusionTask
     task = DiffusionTask(config)
     state = jax.eval_shape(task.init_state, jax.random.key(config.seed))

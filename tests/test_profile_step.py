@@ -22,7 +22,7 @@ def test_cpu_trace_classes_a_convolution_and_a_matmul():
     index = profile_step._hlo_index(compiled.as_text())
     ops, on_device = profile_step.op_events(events, index)
     assert not on_device and ops
-    kinds = {profile_step._kind(op, *index[op]) for op, _, _ in ops}
+    kinds = {profile_step._kind(op, *index[op]) for op, _ in ops}
     assert "conv forward" in kinds and "dot (matmul) forward" in kinds, kinds
 
 
@@ -60,7 +60,7 @@ def test_gpu_trace_reads_the_device_timeline_only():
     ops, on_device = profile_step.op_events(events, index)
     assert on_device
     per_kind = {}
-    for op, dur, _ in ops:
+    for op, dur in ops:
         kind = profile_step._kind(op, *index[op])
         per_kind[kind] = per_kind.get(kind, 0.0) + dur
     assert per_kind == {"conv forward": 120.0, "conv weight gradient": 300.0,

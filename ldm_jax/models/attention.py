@@ -131,7 +131,12 @@ def resolve_heads(channels: int, num_heads: int = -1, num_head_channels: int = -
     return num_heads, channels // num_heads
 
 
-def group_norm(x: jax.Array, name: str, epsilon: float = 1e-5, num_groups: int = 32) -> jax.Array:
+# The UNet's GroupNorm groups, whatever its width (the reference's GroupNorm32).
+NORM_GROUPS = 32
+
+
+def group_norm(x: jax.Array, name: str, epsilon: float = 1e-5,
+               num_groups: int = NORM_GROUPS) -> jax.Array:
     """GroupNorm computed in float32 and cast back (reference ``GroupNorm32``).
 
     Must be called inside a compact method; the layer becomes a child named ``name``.

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.config.loading import ConfigError
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.quantizer import VectorQuantizer
 from ldm_jax.models.conv import Conv
@@ -468,22 +469,14 @@ def _default(key: str) -> Any:
                                        embed_dim=1).model[key]
 
 
-def _config_error(message: str) -> ValueError:
-    """A config.model field the first stage cannot be built from: a ConfigError (a ValueError
-    the command line prints as one line), imported here to keep models free of the config
-    package at import time."""
-    from ldm_jax.config.loading import ConfigError
-    return ConfigError(message)
-
-
 def _get(cfg: Any, key: str, default: Any = _REQUIRED) -> Any:
     """Read ``cfg[key]`` (ConfigDict or dict); clear error when a required key is missing."""
     try:
         return cfg[key]
     except (KeyError, AttributeError, TypeError):
         if default is _REQUIRED:
-            raise _config_error(f"config.model.{key} is required for the first-stage "
-                                "model") from None
+            raise ConfigError(f"config.model.{key} is required for the first-stage "
+                              "model") from None
         return default
 
 
@@ -514,39 +507,38 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
     """
     kind = _get(model_cfg, "kind")
     if kind not in ("kl", "vq"):
-        raise _config_error(f"config.model.kind must be 'kl' or 'vq', got {kind!r}")
+        raise ConfigError(f"config.model.kind must be 'kl' or 'vq', got {kind!r}")
     ch = int(_get(model_cfg, "ch"))
     ch_mult = tuple(int(m) for m in _get(model_cfg, "ch_mult"))
     if not ch_mult or min(ch_mult) < 1:
-        raise _config_error(f"config.model.ch_mult must be a non-empty tuple of positive ints, "
-                            f"got {ch_mult}")
+        raise ConfigError(f"config.model.ch_mult must be a non-empty tuple of positive ints, "
+                          f"got {ch_mult}")
     num_res_blocks = int(_get(model_cfg, "num_res_blocks"))
     attn_resolutions = tuple(int(r) for r in _get(model_cfg, "attn_resolutions"))
     resolution = int(_get(model_cfg, "resolution"))
     num_groups = int(_get(model_cfg, "norm_groups", _default("norm_groups")))
     attn_type = _get(model_cfg, "attn_type", _default("attn_type"))
     if attn_type not in ("vanilla", "none"):
-        raise _config_error(f"config.model.attn_type must be 'vanilla' or 'none', got "
-                            f"{attn_type!r}")
+        raise ConfigError(f"config.model.attn_type must be 'vanilla' or 'none', got "
+                          f"{attn_type!r}")
 
-    from ldm_jax.config.loading import ConfigError  # a ValueError
     # Configs written before the field: no remat.
     remat = check_remat(_get(model_cfg, "remat", "nothing"), "config.model.remat", ConfigError)
 
     f = 2 ** (len(ch_mult) - 1)
     if resolution % f:
-        raise _config_error(f"config.model.resolution={resolution} must be divisible by the "
-                            f"downsampling factor {f} (from ch_mult={ch_mult})")
+        raise ConfigError(f"config.model.resolution={resolution} must be divisible by the "
+                          f"downsampling factor {f} (from ch_mult={ch_mult})")
     reachable = [resolution // 2 ** i for i in range(len(ch_mult))]
     bad = [r for r in attn_resolutions if r not in reachable]
     if bad:
-        raise _config_error(f"config.model.attn_resolutions contains {bad}, which no level "
-                            f"reaches; feature-map sizes for resolution={resolution} are "
-                            f"{reachable}")
+        raise ConfigError(f"config.model.attn_resolutions contains {bad}, which no level "
+                          f"reaches; feature-map sizes for resolution={resolution} are "
+                          f"{reachable}")
     bad_ch = sorted({ch * m for m in ch_mult if (ch * m) % num_groups})
     if bad_ch:
-        raise _config_error(f"config.model.ch={ch} with ch_mult={ch_mult} gives channel "
-                            f"counts {bad_ch} not divisible by norm_groups={num_groups}")
+        raise ConfigError(f"config.model.ch={ch} with ch_mult={ch_mult} gives channel "
+                          f"counts {bad_ch} not divisible by norm_groups={num_groups}")
 
     common = dict(
         ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
@@ -565,6 +557,6 @@ def make_first_stage(model_cfg: Any, dtype: Dtype = jnp.float32) -> Union[Autoen
         return AutoencoderKL(**common)
     n_embed = int(_get(model_cfg, "n_embed"))
     if n_embed < 1:
-        raise _config_error(f"config.model.n_embed must be positive, got {n_embed}")
+        raise ConfigError(f"config.model.n_embed must be positive, got {n_embed}")
     return VQModel(**common, n_embed=n_embed, beta=float(_get(model_cfg, "beta", _default("beta"))),
                    legacy=bool(_get(model_cfg, "legacy_beta", _default("legacy_beta"))))

@@ -25,32 +25,29 @@ from ldm_jax.diffusion import losses as diffusion_losses
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.schedules import DiffusionSchedule
 from ldm_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from ldm_jax.models.attention import NORM_GROUPS, resolve_heads
 from ldm_jax.models.remat import check_remat
 from ldm_jax.models.unet import UNetModel
 from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
                                  global_norm, make_optimizer)
 
 
-# The UNet's GroupNorm has 32 groups (the reference's GroupNorm32), whatever the width.
-UNET_NORM_GROUPS = 32
-
-
 def check_unet_config(model_cfg) -> None:
     """ConfigError naming the config.model fields whose values the UNet cannot be built from:
-    channel counts GroupNorm's 32 groups do not divide, head settings that do not divide an
-    attention layer's channels. (The model would otherwise fail inside flax at the first
-    call, naming none of them.)"""
+    channel counts GroupNorm's groups do not divide, head settings that do not divide an
+    attention layer's channels (`resolve_heads`' rule). (The model would otherwise fail inside
+    flax at the first call, naming none of them.)"""
     mc, mult = int(model_cfg.model_channels), tuple(int(m) for m in model_cfg.channel_mult)
     if mc <= 0 or not mult or min(mult) <= 0:
         raise ConfigError(f"config.model.model_channels={mc} and channel_mult={mult} must be "
                           "positive (e.g. model_channels=224, channel_mult=(1, 2, 3, 4)).")
     widths = sorted({mc} | {mc * m for m in mult})
-    bad = [w for w in widths if w % UNET_NORM_GROUPS]
+    bad = [w for w in widths if w % NORM_GROUPS]
     if bad:
         raise ConfigError(
             f"config.model.model_channels={mc} with channel_mult={mult} gives channel counts "
-            f"{bad} that the UNet's GroupNorm ({UNET_NORM_GROUPS} groups, as the reference) does "
-            f"not divide; use a model_channels that is a multiple of {UNET_NORM_GROUPS}.")
+            f"{bad} that the UNet's GroupNorm ({NORM_GROUPS} groups, as the reference) does "
+            f"not divide; use a model_channels that is a multiple of {NORM_GROUPS}.")
     heads, head_ch = int(model_cfg.num_heads), int(model_cfg.num_head_channels)
     if (heads == -1) == (head_ch == -1):
         raise ConfigError("set exactly one of config.model.num_heads / num_head_channels (the "
@@ -59,10 +56,17 @@ def check_unet_config(model_cfg) -> None:
     factors = [2 ** i for i in range(len(mult))]
     attn_widths = sorted({mc * m for f, m in zip(factors, mult)
                           if f in tuple(model_cfg.attention_resolutions)} | {mc * mult[-1]})
-    per = head_ch if head_ch != -1 else heads
-    field = "num_head_channels" if head_ch != -1 else "num_heads"
-    bad = [w for w in attn_widths if per <= 0 or w % per]
+
+    def splits(width: int) -> bool:
+        try:
+            resolve_heads(width, heads, head_ch)
+        except ValueError:
+            return False
+        return True
+
+    bad = [w for w in attn_widths if not splits(w)]
     if bad:
+        field, per = (("num_head_channels", head_ch) if head_ch != -1 else ("num_heads", heads))
         raise ConfigError(f"config.model.{field}={per} does not divide the channels {bad} of "
                           f"the UNet's attention layers (model_channels={mc}, channel_mult="
                           f"{mult}, attention_resolutions="
