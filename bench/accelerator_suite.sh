@@ -7,7 +7,8 @@
 #   2. sample_bf16  DDIM-50 sampling of that UNet, same weights on both sides
 #   3. profile_bf16 where that step's time goes on the device: kernel time per op kind (cuDNN
 #                   convolution forward / input / weight gradient, GEMMs, attention, fusions)
-#                   and per UNet block, and the device's idle share (bench/profile_step.py)
+#                   and per UNet block, and the device's idle share (bench/profile_step.py);
+#                   the trace is kept ($OUT/profile_trace.json.gz) for --from_trace
 #   4. unet_compile the stage-2 step against torch.compile (its compile takes minutes)
 #   5. ae_bf16      stage-1 KL-f4 + LPIPS + PatchGAN step at ch 128, 256x256, batch 8
 # Each part runs in its own process under a time limit; a part that does not fit in what is
@@ -22,7 +23,8 @@
 # the script itself. Exit status 1 when a part that ran failed (a skipped part is not a
 # failure), 2 on a bad variant, part name or OUT.
 #
-# Usage: [OUT=dir] [BUDGET_S=900] [PARTS="unet_bf16 ..."] [PYTHON=python3]
+# Usage: [OUT=dir] [BUDGET_S=900] [PARTS="unet_bf16 ..."] [TORCH_MODES=eager,eager_cl]
+#        [PYTHON=python3]
 #        bash bench/accelerator_suite.sh [paper|smoke]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,8 @@ variant=${1:-paper}
 OUT=${OUT:-bench/results/accelerator}
 mkdir -p "$OUT" || { echo "cannot create OUT=$OUT: set OUT to a writable folder" >&2; exit 2; }
 BUDGET_S=${BUDGET_S:-900}
+# The eager PyTorch rows of the train-step parts (channels_last was the slower one on an H200).
+TORCH_MODES=${TORCH_MODES:-eager,eager_cl}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # JAX and torch share the device in one process: JAX takes half up front, torch the rest.
@@ -80,19 +84,19 @@ run_part() {  # the parts by name, in the order PARTS gives
   case "$1" in
     unet_bf16) part unet_bf16 260 bench/train_step.py --parts unet --width "$W" --batch "$B" \
       --size "$S" --channels 3 --dtype bfloat16 --steps "$STEPS" --warmup 3 \
-      --torch_modes eager,eager_cl --skip_model_row ;;
+      --torch_modes "$TORCH_MODES" --skip_model_row ;;
     sample_bf16) part sample_bf16 150 bench/sample.py --width "$W" --batch "$B" --size "$S" \
       --channels 3 --dtype bfloat16 --ddim_steps 50 --steps "$SAMPLE_STEPS" --warmup 1 \
       --torch_modes eager --skip_generate ;;
     profile_bf16) part profile_bf16 200 bench/profile_step.py --width "$W" --batch "$B" \
       --size "$S" --channels 3 --dtype bfloat16 --steps "$PROFILE_STEPS" --warmup 2 \
-      --ops ALL --top 25 ;;
+      --ops ALL --top 25 --save_trace "$OUT/profile_trace.json.gz" ;;
     unet_compile) part unet_compile 300 bench/train_step.py --parts unet --width "$W" \
       --batch "$B" --size "$S" --channels 3 --dtype bfloat16 --steps "$STEPS" --warmup 3 \
       --torch_modes compile --skip_model_row ;;
     ae_bf16) part ae_bf16 250 bench/train_step.py --parts ae --ae_ch "$AE_CH" \
       --ae_size "$AE_S" --ae_batch "$AE_B" --dtype bfloat16 --steps "$STEPS" --warmup 2 \
-      --torch_modes eager,eager_cl ;;
+      --torch_modes "$TORCH_MODES" ;;
   esac
 }
 for name in $PARTS; do

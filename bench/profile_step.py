@@ -46,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--ops", default="", help="also list the slowest thunks of this block "
                    "(e.g. input_blocks_4_1; '(outside the UNet)' for the rest; 'ALL': the "
                    "whole step)")
+    p.add_argument("--save_trace", default="", help="also write the trace's events and the "
+                   "compiled HLO to PATH (gzipped JSON) for a later --from_trace")
+    p.add_argument("--from_trace", default="", help="analyse a --save_trace file instead of "
+                   "running the step (e.g. a GPU run's, on a machine without the GPU)")
     common.add_common_args(p, steps=2, warmup=2, torch=False)
     return p.parse_args(argv)
 
@@ -85,6 +89,10 @@ def _hlo_index(hlo: str):
     return index
 
 
+# jax.nn.dot_product_attention(implementation='xla') is a vmap of two einsums ('BTNH,BSNH->BNTS'
+# and back) around a softmax: its ops carry these names in their metadata.
+_XLA_ATTENTION = re.compile(r"/vmap\(B\w*,B\w*->B\w*\)/|/vmap\(\)/")
+
 # GPU library calls by custom-call target prefix (XLA:GPU's names): what each one computes.
 _GPU_TARGETS = (
     ("__cudnn$convBackwardInput", "conv input gradient"),
@@ -106,6 +114,8 @@ def _kind(name: str, op_name: str, kinds: set) -> str:
     for prefix, kind in _GPU_TARGETS:
         if any(t.startswith(prefix) for t in targets):
             return kind
+    if _XLA_ATTENTION.search(op_name):
+        return "attention (XLA: scores and probabilities in memory)"
     if "convolution" in kinds:
         return "conv input/weight gradient" if backward else "conv forward"
     # cuBLAS GEMMs (__cublas$gemm, __cublas$lt$matmul) are XLA:GPU's dots.
@@ -120,25 +130,51 @@ def _kind(name: str, op_name: str, kinds: set) -> str:
     return "elementwise / other"
 
 
+# Library kernels inside a CUDA graph name their command buffer, not their instruction, so they
+# are classed by kernel name: cuBLAS/cuBLASLt GEMMs (nvjet_*, *gemm*, cutlass, xmma), cuDNN's
+# flash attention (cudnn_generated_fort_native_sdpa_*), the rest (memcpy, memset, ...).
+_GRAPH_KERNELS = (
+    (re.compile(r"sdpa|fmha|flash", re.IGNORECASE), "attention (cuDNN fused)"),
+    (re.compile(r"nvjet|gemm|cutlass|xmma", re.IGNORECASE),
+     "dot (cuBLAS GEMM inside a CUDA graph)"),
+)
+UNATTRIBUTED = "other kernels (memcpy, memset, ...)"
+_GRAPH_KINDS = {kind for _, kind in _GRAPH_KERNELS} | {UNATTRIBUTED}
+
+
+def _graph_kernel_kind(name: str) -> str:
+    return next((kind for pattern, kind in _GRAPH_KERNELS if pattern.search(name)), UNATTRIBUTED)
+
+
 def op_events(events: list, index: dict):
-    """([(HLO instruction, duration us)] for the trace's executions of the step's ops, whether
-    the trace has a device timeline).
+    """([(HLO instruction or a class, duration us)] for the trace's executions of the step's
+    ops, whether the trace has a device timeline).
 
     CPU: the thunk events of the host, named after their instruction. GPU/TPU: the kernels on
     the device's timeline (process '/device:GPU:0', ...), each naming the instruction that
     launched it in args['hlo_op'] (a cuDNN convolution may run several kernels; all count). The
-    host's launch events of the same instructions are left out, or a GPU op would count twice."""
+    host's launch events of the same instructions are left out, or a GPU op would count twice.
+    XLA:GPU runs most of a step as CUDA graphs ("command buffers"): their kernels name the
+    command buffer in hlo_op and their instruction in the kernel name, with '_' for '.'
+    (fusion_2085 is fusion.2085). Library kernels in a graph (cuBLAS GEMMs, memcpy) name no
+    instruction: they come back as a kind (_graph_kernel_kind) in place of the instruction."""
     names = {e.get("pid"): str((e.get("args") or {}).get("name", "")) for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     devices = {pid for pid, n in names.items() if re.search(r"/device:(GPU|TPU)", n)}
+    kernel_names = {re.sub(r"[.\-]", "_", name): name for name in index}
     out = []
     for e in events:
         if e.get("ph") != "X":
             continue
         if devices and e.get("pid") not in devices:
             continue
-        op = (e.get("args") or {}).get("hlo_op") or e.get("name")
-        if op in index:
+        name = e.get("name", "")
+        op = (e.get("args") or {}).get("hlo_op") or name
+        if op not in index and devices:
+            if not str(op).startswith("command_buffer"):
+                continue   # another program's kernel
+            op = kernel_names.get(name) or _graph_kernel_kind(name)
+        if op in index or op in _GRAPH_KINDS:
             out.append((op, float(e.get("dur", 0))))
     return out, bool(devices)
 
@@ -155,8 +191,9 @@ def trace_events(run, steps: int) -> list:
     return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def main(argv=None):
-    a = parse_args(argv)
+def measure(a) -> dict:
+    """Compiles and runs the step, then traces a.steps calls: the trace's events, the compiled
+    HLO and the untraced step's time, i.e. everything the tables are made from."""
     import jax
 
     load0 = os.getloadavg()
@@ -174,19 +211,44 @@ def main(argv=None):
     run()
     step_s = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-
     events = trace_events(run, a.steps)
-    index = _hlo_index(compiled.as_text())
+    return {"events": events, "hlo": compiled.as_text(), "step_ms": step_s * 1e3,
+            "page_faults": faults, "conv": applied, "machine": common.machine_info(load0),
+            "backend": jax.default_backend(),
+            "args": {k: getattr(a, k) for k in ("config", "width", "batch", "size",
+                                                "channels", "dtype", "steps")}}
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.from_trace:
+        with gzip.open(a.from_trace, "rt") as f:
+            saved = json.load(f)
+        for k, v in saved["args"].items():  # the tables describe the traced run
+            setattr(a, k, v)
+    else:
+        saved = measure(a)
+        if a.save_trace:
+            with gzip.open(a.save_trace, "wt") as f:
+                json.dump(saved, f)
+    report(a, saved)
+
+
+def report(a, saved: dict):
+    events, step_s, faults = saved["events"], saved["step_ms"] / 1e3, saved["page_faults"]
+    applied, info = saved["conv"], saved["machine"]
+    index = _hlo_index(saved["hlo"])
     by_kind, by_block = collections.Counter(), collections.defaultdict(collections.Counter)
     by_thunk = collections.Counter()
     ops, on_device = op_events(events, index)
     for op, dur_us in ops:
-        op_name, kinds = index[op]
+        op_name, kinds = index.get(op, ("", set()))
         ms = dur_us / 1e3 / a.steps
-        kind = _kind(op, op_name, kinds)
+        kind = _kind(op, op_name, kinds) if op in index else op
         by_kind[kind] += ms
         block = _BLOCK.search(op_name)
-        block = block.group(1) if block else "(outside the UNet)"
+        block = (block.group(1) if block else
+                 "(outside the UNet)" if op in index else "(in a CUDA graph, unattributed)")
         by_block[block][kind] += ms
         if a.ops in (block, "ALL"):
             by_thunk[(op, kind, op_name.split("/")[-1][:60])] += ms
@@ -195,7 +257,6 @@ def main(argv=None):
         sys.exit("the trace holds no events of the step's HLO instructions: this jax's "
                  "profiler format is not the one bench/profile_step.py reads")
 
-    info = common.machine_info(load0)
     print(f"train step: {a.config} width {a.width}, batch {a.batch}, "
           f"{a.size}x{a.size}x{a.channels}, {a.dtype}, conv {applied}; "
           f"step {step_s * 1e3:.0f} ms untraced, {faults} minor page faults per step")

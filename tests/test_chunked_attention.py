@@ -146,11 +146,14 @@ def test_many_heads_walked_in_groups_keep_less_memory():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_gpu_default_resolves_to_jax_choice(packed):
-    """On a GPU with bfloat16 inputs the default is jax.nn.dot_product_attention's own choice
-    ('auto' inside the module): both entry points must run it, not reject it (an H200 run once
-    failed on exactly that in packed_self_attention). The backend is reported as 'gpu' here;
-    jax's portable implementation then runs on the CPU."""
+@pytest.mark.parametrize("cudnn_accepts", [False, True])
+def test_gpu_default_asks_for_cudnn_and_falls_back_to_xla(packed, cudnn_accepts):
+    """On a GPU with bfloat16 inputs the default ('auto' inside the module) asks jax for cuDNN's
+    flash attention and takes XLA's where jax refuses (it raises while tracing). Not jax's
+    implementation=None: that is XLA's, which an H200 profile showed at 31 % of the
+    f4_celebahq step. Both entry points must run it (an H200 run once failed on exactly that in
+    packed_self_attention). The backend is reported as 'gpu' here; on this CPU jax refuses
+    cuDNN for real ('cuDNN is not detected'), or a stand-in accepts it."""
     from unittest import mock
 
     from ldm_jax.models import attention as attention_module
@@ -158,8 +161,18 @@ def test_gpu_default_resolves_to_jax_choice(packed):
     qkv = jnp.asarray(rng.standard_normal((2, 24, 2, 3 * 16)), jnp.bfloat16)
     q, k, v = (qkv.reshape(2, 24, 2, 3, 16)[..., i, :] for i in range(3))
     want = np.asarray(chunked_attention(q, k, v), np.float32)
-    with mock.patch.object(attention_module.jax, "default_backend", lambda: "gpu"):
+    jax_attention, asked = jax.nn.dot_product_attention, []
+
+    def recorded(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        if implementation == "cudnn" and cudnn_accepts:
+            implementation = "xla"   # a GPU's cuDNN would run here
+        return jax_attention(*args, implementation=implementation, **kwargs)
+
+    with mock.patch.object(attention_module.jax, "default_backend", lambda: "gpu"), \
+            mock.patch.object(jax.nn, "dot_product_attention", recorded):
         assert attention_module.default_implementation(jnp.bfloat16) == "auto"
         got = (attention_module.packed_self_attention(qkv) if packed
                else attention_module.attention(q, k, v))
+    assert asked == (["cudnn"] if cudnn_accepts else ["cudnn", "xla"])
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
