@@ -12,13 +12,13 @@
 #   4. unet_compile the stage-2 step against torch.compile (its compile takes minutes)
 #   5. ae_bf16      stage-1 KL-f4 + LPIPS + PatchGAN step at ch 128, 256x256, batch 8
 # Each part runs in its own process under a time limit; a part that does not fit in what is
-# left of BUDGET_S is skipped and says so. On an H200 (2026-12-04) part 1 took 250 s (the jax
-# step compiles in about 100 s, torch's first eager step with cudnn.benchmark about 40 s) and
-# part 2 about 100 s; the torch.compile and first-stage parts need more than the 105 s and 150 s
-# they had there. The parts' limits add up to about 20 minutes, more than the default
-# BUDGET_S=900; a lent device call of at most 10 minutes needs BUDGET_S=540 or less. PARTS picks
-# the parts and their order, e.g. PARTS="profile_bf16 unet_compile ae_bf16" for the rows the
-# H200 run left out. Logs and JSON go to $OUT (default bench/results/accelerator).
+# left of BUDGET_S is skipped and says so. On an H200 (2026-12-04) part 1 took 220-250 s (the
+# jax step compiles in about 100 s, torch's first eager step with cudnn.benchmark about 40 s),
+# part 2 about 100 s, part 3 about 150 s and part 5 about 150 s; torch.compile (part 4) needs
+# more than the 105 s it had there. The parts' limits add up to about 20 minutes, more than the
+# default BUDGET_S=900; a lent device call of at most 10 minutes needs BUDGET_S=540 or less.
+# PARTS picks the parts and their order, e.g. PARTS=unet_compile for the row no H200 run has
+# measured yet. Logs and JSON go to $OUT (default bench/results/accelerator).
 # `bash bench/accelerator_suite.sh smoke` runs the same parts at toy sizes (on CPU too) to check
 # the script itself. Exit status 1 when a part that ran failed (a skipped part is not a
 # failure), 2 on a bad variant, part name or OUT.
@@ -27,7 +27,7 @@
 #        [PYTHON=python3]
 #        bash bench/accelerator_suite.sh [paper|smoke]
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 variant=${1:-paper}
 OUT=${OUT:-bench/results/accelerator}
 mkdir -p "$OUT" || { echo "cannot create OUT=$OUT: set OUT to a writable folder" >&2; exit 2; }

@@ -50,19 +50,19 @@ case "$TASK" in
           if [ "$TASK" = inpaint ]; then SAMPLE_ARGS+=(--mask="$OUT/inputs.npz"); fi ;;
   *) echo "usage: bash launch/digits_pipeline.sh [class|text|layout|sr|inpaint|semantic]" >&2; exit 2 ;;
 esac
-$PY -m ldm_jax.precompute_latents --config=$CONFIG --first_stage=runs/ae_kl_f4_digits --output=$LATENTS
+$PY -m ldm_jax.precompute_latents --config="$CONFIG" --first_stage=runs/ae_kl_f4_digits --output="$LATENTS"
 t2=$(date +%s)
-$PY -m ldm_jax.train --config=$CONFIG --workdir=runs/$NAME
+$PY -m ldm_jax.train --config="$CONFIG" --workdir="runs/$NAME"
 t3=$(date +%s)
 case "$TASK" in  # image tasks sample from held-out inputs
   sr|inpaint|semantic) mkdir -p "$OUT"
-    $PY -m ldm_jax.evaluation.image_tasks --workdir=runs/$NAME --out="$OUT/inputs.npz" --num=16 ;;
+    $PY -m ldm_jax.evaluation.image_tasks --workdir="runs/$NAME" --out="$OUT/inputs.npz" --num=16 ;;
 esac
-$PY -m ldm_jax.sample --workdir=runs/$NAME --num="${NUM:-100}" "${SAMPLE_ARGS[@]}" --sampler=ddim --steps=50 \
-    --out=$OUT
+$PY -m ldm_jax.sample --workdir="runs/$NAME" --num="${NUM:-100}" "${SAMPLE_ARGS[@]}" --sampler=ddim --steps=50 \
+    --out="$OUT"
 t4=$(date +%s)
 $PY -m ldm_jax.evaluate --workdir=runs/ae_kl_f4_digits --features=digits
-$PY -m ldm_jax.evaluate --workdir=runs/$NAME --features=digits --sampler=ddim --steps=50
+$PY -m ldm_jax.evaluate --workdir="runs/$NAME" --features=digits --sampler=ddim --steps=50
 t5=$(date +%s)
 echo "wall time: stage 1 $((t1-t0))s | precompute $((t2-t1))s | stage 2 $((t3-t2))s | sampling $((t4-t3))s | evaluation $((t5-t4))s | total $((t5-t0))s"
 echo "sample grid: $OUT/grid.png"

