@@ -58,6 +58,21 @@ def comma_list(text) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
 
+def checked_list(flag: str, text, allowed) -> list[str]:
+    """comma_list(text), each item one of `allowed`; otherwise exits 2 naming the flag and the
+    choices (a misspelt part would otherwise run nothing and exit 0)."""
+    items = comma_list(text)
+    bad = [item for item in items if item not in allowed]
+    if bad or not items:
+        print(f"{flag} {text!r}: " + (f"unknown {', '.join(map(repr, bad))}; " if bad else "empty; ")
+              + f"use some of: {', '.join(allowed)}", file=sys.stderr)
+        raise SystemExit(2)
+    return items
+
+
+TORCH_MODES = ("eager", "eager_cl", "compile")
+
+
 def add_common_args(p, *, steps: int = 5, warmup: int = 2, torch: bool = True) -> None:
     p.add_argument("--steps", type=int, default=steps, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed steps after compile")
@@ -98,7 +113,7 @@ def torch_variants(a):
     """(threads, mode, row name) for every --torch_threads x --torch_modes row, in that order;
     on a GPU (--torch_device cuda) one row per mode, named 'torch <mode> cuda' (threads None:
     the host thread count does not set the device's speed)."""
-    modes = comma_list(a.torch_modes)
+    modes = checked_list("--torch_modes", a.torch_modes, TORCH_MODES)
     if getattr(a, "torch_device", "cpu") != "cpu":
         for mode in modes:
             yield None, mode, f"torch {mode} {a.torch_device}"

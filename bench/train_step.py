@@ -471,7 +471,9 @@ def main(argv=None):
     a.ae_batch = a.ae_batch or a.batch
     if a.flops_only:
         return print_task_flops(a)
-    parts = set(common.comma_list(a.parts))
+    parts = set(common.checked_list("--parts", a.parts, ("unet", "ae")))
+    if not a.skip_torch:
+        common.checked_list("--torch_modes", a.torch_modes, common.TORCH_MODES)
     load0 = os.getloadavg()
     torch = None if a.skip_torch else common.import_torch(a)
     common.resolve_peak(a, torch)

@@ -107,3 +107,17 @@ def test_xla_flops_counts_the_model_not_the_formulation():
         assert raw(("xla", "chunked")) < raw(("xla", "xla")) < raw(("gemm", "xla"))
     # Forward + both gradients of the convolution alone are at least 3 x 2 x 4*8*8*9*32*32.
     assert reference > 3 * 2 * 4 * 8 * 8 * 9 * 32 * 32
+
+
+def test_a_misspelt_part_or_torch_mode_exits_2_naming_the_flag(capsys):
+    import pytest
+    assert common.checked_list("--parts", "unet, ae", ("unet", "ae")) == ["unet", "ae"]
+    for text in ("bogus", "unet,aee", ","):
+        with pytest.raises(SystemExit) as e:
+            common.checked_list("--parts", text, ("unet", "ae"))
+        assert e.value.code == 2
+        assert "--parts" in capsys.readouterr().err
+    a = types.SimpleNamespace(torch_modes="eager,compiled", torch_device="cpu", torch_threads="2")
+    with pytest.raises(SystemExit):
+        list(common.torch_variants(a))
+    assert "use some of: eager, eager_cl, compile" in capsys.readouterr().err

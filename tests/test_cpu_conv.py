@@ -112,3 +112,29 @@ def test_planned_convolution_matches_xla(plan):
     for got, want in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want),
                                    atol=2e-5 * float(jnp.abs(want).max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 5, 7), (1, 1, 33, 17), (3, 3, 130, 70), (3, 1, 64, 80),
+                                   (3, 3, 256, 128)])
+def test_flip_transpose_equals_xla_reverse_and_transpose(shape, monkeypatch):
+    # the C++ copy for every size (the small-kernel shortcut off), tiles of 64 with remainders
+    monkeypatch.setattr(cpu_conv, "_SMALL_KERNEL", 0)
+    w = jax.random.normal(jax.random.key(sum(shape)), shape)
+    got = jax.jit(cpu_conv.flip_transpose)(w)
+    np.testing.assert_array_equal(np.asarray(got),
+                                  np.asarray(jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)))
+
+
+@pytest.mark.parametrize("pad", [((1, 1), (1, 1)), ((0, 2), (2, 0)), ((0, 0), (1, 0))])
+@pytest.mark.parametrize("plan", [(True, True, True), (False, False, True)])
+def test_input_gradient_through_the_flipped_kernel_matches_xla(plan, pad, monkeypatch):
+    # dX from the kernel or from XLA's convolution, both on flip_transpose's weights, for
+    # asymmetric paddings (the input gradient pads k - 1 - p on each side)
+    monkeypatch.setattr(cpu_conv, "_SMALL_KERNEL", 0)
+    x = jax.random.normal(jax.random.key(3), (2, 9, 11, 16))
+    w = jax.random.normal(jax.random.key(4), (3, 3, 16, 24)) / 12.0
+    y, vjp = jax.vjp(lambda x, w: conv_mod.conv_cpu_planned(x, w, pad, plan), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: _xla(x, w, pad), x, w)
+    g = jax.random.normal(jax.random.key(5), y.shape)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]),
+                               atol=2e-5 * float(jnp.abs(vjp_ref(g)[0]).max()), rtol=1e-5)

@@ -17,11 +17,13 @@ from ldm_jax.kernels import build
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_conv.cc")
 _FORWARD, _WEIGHT_GRAD = "ldm_jax_conv_forward", "ldm_jax_conv_weight_grad"
+_FLIP_TRANSPOSE = "ldm_jax_flip_transpose"
 
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]
 
 
-_TARGETS = {_FORWARD: "LdmConvForward", _WEIGHT_GRAD: "LdmConvWeightGrad"}
+_TARGETS = {_FORWARD: "LdmConvForward", _WEIGHT_GRAD: "LdmConvWeightGrad",
+            _FLIP_TRANSPOSE: "LdmFlipTranspose"}
 
 
 def ensure_registered() -> None:
@@ -56,13 +58,33 @@ def forward(x, w, padding: Padding):
     return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(x, w, **_pads(padding))
 
 
+# Below this many weights flip_transpose leaves the copy to XLA: 3x3x64x48 took 0.05 ms in the
+# kernel and 0.01 ms in XLA; from 3x3x130x70 on the kernel is as fast or faster (3x3x1024x512:
+# 5.7 ms against 10.0 ms, on 2 cores).
+_SMALL_KERNEL = 1 << 16
+
+
+def flip_transpose(w):
+    """jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2) of a float32 HWIO kernel, in the C++ kernel
+    (XLA:CPU's transpose of large kernels is several times slower)."""
+    if w.size < _SMALL_KERNEL:   # the call's fixed cost outweighs XLA's slower copy
+        return jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    kh, kw, cin, cout = w.shape
+    out = jax.ShapeDtypeStruct((kh, kw, cout, cin), jnp.float32)
+    return jax.ffi.ffi_call(_FLIP_TRANSPOSE, out, vmap_method="sequential")(w)
+
+
+def input_grad_padding(kernel_hw, padding: Padding) -> Padding:
+    """The padding of the input gradient as a stride-1 forward convolution of dY with
+    flip_transpose(w): k - 1 - p on each side."""
+    (kh, kw), ((pt, pb), (pl, pr)) = kernel_hw, padding
+    return (kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)
+
+
 def input_grad(dy, w, padding: Padding):
     """dX: the 'full' correlation of dY with the flipped kernel, input and output channels
     swapped: the forward kernel with padding k - 1 - p."""
-    kh, kw = w.shape[:2]
-    (pt, pb), (pl, pr) = padding
-    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    return forward(dy, w_t, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    return forward(dy, flip_transpose(w), input_grad_padding(w.shape[:2], padding))
 
 
 def weight_grad(x, dy, kernel_shape, padding: Padding):
