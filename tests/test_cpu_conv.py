@@ -81,7 +81,11 @@ def test_selection_rules(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
     assert resolve("auto", 16384, layer(3, 64, 64), positions=4096) == "cpu_planned"
     assert resolve("auto", 4096, layer(3, 384, 128), positions=1024) == "cpu_planned"
-    assert resolve("auto", 256, layer(3, 256, 256), positions=64) == "xla"   # nothing planned
+    # 8x8, 256 -> 256: every part in XLA, but planned for the input gradient's flipped kernel
+    assert resolve("auto", 256, layer(3, 256, 256), positions=64) == "cpu_planned"
+    assert resolve("auto", 16, layer(3, 16, 16), positions=4) == "cpu_planned"   # narrow: kernel
+    assert resolve("auto", 64, layer(1, 256, 128), positions=16) == "xla"   # 1x1, 32768 weights
+    assert conv_mod.cpu_plan((1, 1, 256, 128), 16) == (False, False, False)
     assert resolve("auto", 1024, layer(3, 64, 64, s=(2, 2)), positions=256) == "xla"  # strided
     assert resolve("auto", 16384, layer(3, 64, 64), dtype=jnp.bfloat16, positions=4096) == "gemm"
     # explicit: every part in the kernel; strided layers fall back to 'auto'
@@ -118,7 +122,7 @@ def test_planned_convolution_matches_xla(plan):
                                    (3, 3, 256, 128)])
 def test_flip_transpose_equals_xla_reverse_and_transpose(shape, monkeypatch):
     # the C++ copy for every size (the small-kernel shortcut off), tiles of 64 with remainders
-    monkeypatch.setattr(cpu_conv, "_SMALL_KERNEL", 0)
+    monkeypatch.setattr(cpu_conv, "FLIP_MIN_WEIGHTS", 0)
     w = jax.random.normal(jax.random.key(sum(shape)), shape)
     got = jax.jit(cpu_conv.flip_transpose)(w)
     np.testing.assert_array_equal(np.asarray(got),
@@ -130,7 +134,7 @@ def test_flip_transpose_equals_xla_reverse_and_transpose(shape, monkeypatch):
 def test_input_gradient_through_the_flipped_kernel_matches_xla(plan, pad, monkeypatch):
     # dX from the kernel or from XLA's convolution, both on flip_transpose's weights, for
     # asymmetric paddings (the input gradient pads k - 1 - p on each side)
-    monkeypatch.setattr(cpu_conv, "_SMALL_KERNEL", 0)
+    monkeypatch.setattr(cpu_conv, "FLIP_MIN_WEIGHTS", 0)
     x = jax.random.normal(jax.random.key(3), (2, 9, 11, 16))
     w = jax.random.normal(jax.random.key(4), (3, 3, 16, 24)) / 12.0
     y, vjp = jax.vjp(lambda x, w: conv_mod.conv_cpu_planned(x, w, pad, plan), x, w)

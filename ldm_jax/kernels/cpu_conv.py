@@ -61,13 +61,13 @@ def forward(x, w, padding: Padding):
 # Below this many weights flip_transpose leaves the copy to XLA: 3x3x64x48 took 0.05 ms in the
 # kernel and 0.01 ms in XLA; from 3x3x130x70 on the kernel is as fast or faster (3x3x1024x512:
 # 5.7 ms against 10.0 ms, on 2 cores).
-_SMALL_KERNEL = 1 << 16
+FLIP_MIN_WEIGHTS = 1 << 16
 
 
 def flip_transpose(w):
     """jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2) of a float32 HWIO kernel, in the C++ kernel
     (XLA:CPU's transpose of large kernels is several times slower)."""
-    if w.size < _SMALL_KERNEL:   # the call's fixed cost outweighs XLA's slower copy
+    if w.size < FLIP_MIN_WEIGHTS:   # the call's fixed cost outweighs XLA's slower copy
         return jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
     kh, kw, cin, cout = w.shape
     out = jax.ShapeDtypeStruct((kh, kw, cout, cin), jnp.float32)

@@ -113,8 +113,12 @@ def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
             return impl
         impl = "auto"
     if impl == "auto":
+        # Planned also where every part stays in XLA but the weights are large: the input
+        # gradient then takes its flipped, transposed kernel from the C++ copy.
         if (cpu and layer is not None and positions is not None and dtype == jnp.float32
-                and _cpu_kernel_fits(layer) and any(cpu_plan(layer[0], positions))
+                and _cpu_kernel_fits(layer)
+                and (any(cpu_plan(layer[0], positions))
+                     or math.prod(layer[0]) >= cpu_conv.FLIP_MIN_WEIGHTS)
                 and kernel_build.single_cpu_device() and cpu_conv.available()):
             return "cpu_planned"
         big = rows is None or rows >= AUTO_GEMM_MIN_ROWS
