@@ -58,15 +58,21 @@ def comma_list(text) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
 
+def usage_error(message: str):
+    """Exits 2 with one line on stderr: a bad flag value, before any work is done."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def checked_list(flag: str, text, allowed) -> list[str]:
     """comma_list(text), each item one of `allowed`; otherwise exits 2 naming the flag and the
     choices (a misspelt part would otherwise run nothing and exit 0)."""
     items = comma_list(text)
     bad = [item for item in items if item not in allowed]
     if bad or not items:
-        print(f"{flag} {text!r}: " + (f"unknown {', '.join(map(repr, bad))}; " if bad else "empty; ")
-              + f"use some of: {', '.join(allowed)}", file=sys.stderr)
-        raise SystemExit(2)
+        usage_error(f"{flag} {text!r}: " + (f"unknown {', '.join(map(repr, bad))}; " if bad
+                                             else "empty; ")
+                    + f"use some of: {', '.join(allowed)}")
     return items
 
 

@@ -214,16 +214,31 @@ def measure(a) -> dict:
     events = trace_events(run, a.steps)
     return {"events": events, "hlo": compiled.as_text(), "step_ms": step_s * 1e3,
             "page_faults": faults, "conv": applied, "machine": common.machine_info(load0),
-            "backend": jax.default_backend(),
             "args": {k: getattr(a, k) for k in ("config", "width", "batch", "size",
                                                 "channels", "dtype", "steps")}}
 
 
+def load_trace(path: str) -> dict:
+    """A --save_trace file; exits 2 with one line when it is missing or is not one."""
+    try:
+        with gzip.open(path, "rt") as f:
+            saved = json.load(f)
+        if not {"events", "hlo", "args", "step_ms"} <= set(saved):
+            raise ValueError("keys missing")
+    except (OSError, ValueError, TypeError) as e:   # gzip.BadGzipFile is an OSError
+        common.usage_error(f"--from_trace {path}: not a trace written by --save_trace "
+                           f"({type(e).__name__}: {e})")
+    return saved
+
+
 def main(argv=None):
     a = parse_args(argv)
+    if a.save_trace and not os.access(os.path.dirname(os.path.abspath(a.save_trace)), os.W_OK):
+        # checked before the minutes of compile and tracing, not after
+        common.usage_error(f"--save_trace {a.save_trace}: its folder does not exist or is not "
+                           "writable")
     if a.from_trace:
-        with gzip.open(a.from_trace, "rt") as f:
-            saved = json.load(f)
+        saved = load_trace(a.from_trace)
         for k, v in saved["args"].items():  # the tables describe the traced run
             setattr(a, k, v)
     else:

@@ -98,7 +98,7 @@ def test_gpu_trace_reads_the_device_timeline_only():
 def test_a_saved_trace_gives_the_tables_again(tmp_path, capsys):
     # --save_trace on the GPU machine, --from_trace here: the file carries all report() needs.
     saved = {"events": _gpu_events(), "hlo": GPU_HLO, "step_ms": 0.95, "page_faults": 0,
-             "conv": "xla", "backend": "gpu", "machine": common.machine_info(None),
+             "conv": "xla", "machine": common.machine_info(None),
              "args": {"config": "configs/f4_celebahq.py", "width": 224, "batch": 48,
                       "size": 64, "channels": 3, "dtype": "bfloat16", "steps": 2}}
     path = tmp_path / "trace.json.gz"
@@ -123,3 +123,19 @@ def test_a_saved_trace_gives_the_tables_again(tmp_path, capsys):
     assert blocks["output_blocks_2_0"] == 0.02
     assert blocks["(in a CUDA graph, unattributed)"] == 0.03
     assert result["on_device"] and result["args"]["width"] == 224
+
+
+def test_a_bad_trace_file_exits_2_with_one_line(tmp_path, capsys):
+    import pytest
+    not_gzip = tmp_path / "plain.txt"
+    not_gzip.write_text("hi")
+    no_keys = tmp_path / "empty.json.gz"
+    with gzip.open(no_keys, "wt") as f:
+        json.dump({}, f)
+    for path in (tmp_path / "missing.json.gz", not_gzip, no_keys):
+        with pytest.raises(SystemExit) as e:
+            profile_step.load_trace(str(path))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"--from_trace {path}: not a trace written by --save_trace")
+        assert err.count("\n") == 1

@@ -64,10 +64,16 @@ def forward(x, w, padding: Padding):
 FLIP_MIN_WEIGHTS = 1 << 16
 
 
+def flips_in_kernel(kernel_shape) -> bool:
+    """Whether flip_transpose copies a kernel of this shape in C++ (else XLA does)."""
+    return int(np.prod(kernel_shape)) >= FLIP_MIN_WEIGHTS
+
+
 def flip_transpose(w):
-    """jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2) of a float32 HWIO kernel, in the C++ kernel
-    (XLA:CPU's transpose of large kernels is several times slower)."""
-    if w.size < FLIP_MIN_WEIGHTS:   # the call's fixed cost outweighs XLA's slower copy
+    """jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2) of a float32 HWIO kernel, in C++ for large
+    kernels (XLA:CPU's copy of them is slower) and in XLA for small ones (the call's fixed
+    cost outweighs XLA's slower copy)."""
+    if not flips_in_kernel(w.shape):
         return jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
     kh, kw, cin, cout = w.shape
     out = jax.ShapeDtypeStruct((kh, kw, cout, cin), jnp.float32)
