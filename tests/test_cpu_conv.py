@@ -1,7 +1,8 @@
 """ldm_jax/kernels/cpu_conv.cc (the stride-1 XLA:CPU convolution kernel): forward pass, input and
 weight gradients against XLA's convolution over shapes that exercise every code path (channel
 counts that are not whole vectors or microkernel blocks, widths that are not whole pixel
-groups, row blocks that do not divide the height, 1x1 and asymmetric padding), bfloat16, and
+groups, row blocks that do not divide the height, blocks of several small images, work split
+by pixels or by output channels, 1x1 and asymmetric padding), bfloat16, and
 how `Conv`/`conv2d` choose it."""
 
 import jax
@@ -31,6 +32,11 @@ def _kernel():
     (1, 5, 11, 3, 17, 3, ((0, 0), (0, 0))),        # VALID
     (2, 40, 9, 24, 48, 3, ((1, 1), (1, 1))),       # 28 rows per block: 40 = 28 + 12
     (1, 4, 70, 9, 64, 3, ((1, 1), (1, 1))),        # wider than 256 pixels per block
+    # Small maps: blocks of several whole images (the last one short), split over threads by
+    # pixel blocks (few output channels) or by output-channel tiles (many).
+    (5, 4, 4, 6, 40, 3, ((1, 1), (1, 1))),
+    (3, 8, 8, 40, 130, 3, ((1, 1), (1, 1))),
+    (2, 3, 5, 20, 200, 3, ((0, 2), (2, 0))),
 ])
 def test_matches_xla(n, h, w, cin, cout, k, padding):
     keys = jax.random.split(jax.random.key(h * w + cin), 3)

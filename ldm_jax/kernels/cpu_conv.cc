@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -80,29 +81,6 @@ void gather_rows(const ConvShape& s, const float* x, int64_t n, int ho0, int row
   }
 }
 
-// C[p][0 .. NV*16) = sum over taps t and channels k of A[p][offs[t] + k] * B[t * cin + k][.]
-// for P pixels p (rows of A `cin` apart): every tap accumulates in registers.
-template <int P, int NV>
-inline void micro_conv(const float* a, const int64_t* offs, int taps, int cin, const float* b,
-                       float* c, int ldc, bool accumulate) {
-  vf acc[P][NV];
-  for (int p = 0; p < P; ++p)
-    for (int j = 0; j < NV; ++j) acc[p][j] = accumulate ? load(c + p * ldc + j * kLanes) : vf{};
-  for (int t = 0; t < taps; ++t) {
-    const float* at = a + offs[t];
-    for (int k = 0; k < cin; ++k, b += NV * kLanes) {
-      vf bv[NV];
-      for (int j = 0; j < NV; ++j) bv[j] = load(b + j * kLanes);
-      for (int p = 0; p < P; ++p) {
-        vf av = splat(at[p * cin + k]);
-        for (int j = 0; j < NV; ++j) acc[p][j] += av * bv[j];
-      }
-    }
-  }
-  for (int p = 0; p < P; ++p)
-    for (int j = 0; j < NV; ++j) store(c + p * ldc + j * kLanes, acc[p][j]);
-}
-
 // C[ci][0 .. NV*16) += sum over the block's pixels of A[pixel][ci] * G[pixel][.] for 8 input
 // channels, one tap. A is one 8-channel plane of the gathered rows, [rows + kh - 1][wpad][8]
 // (pixel (r, w) of the tap at (r * wpad + w) * 8 + off), G one column tile of the output
@@ -138,27 +116,108 @@ void for_column_tiles(int coutp, int widest, Fn fn) {
     for (; c + nv * kLanes <= coutp; c += nv * kLanes) fn(c, nv);
 }
 
-// One output row's pixels for one column tile, P pixels per microkernel call.
+// C[p][0 .. NV*16) (=|+=) sum over taps t < nt and channels k < kc of A[p][t][k] * B_t[k][.]
+// for P consecutive pixels p of an output row: A[p][t] = a + offs[t] + p * s (the gathered
+// input rows as they are, [pixel][cin]), B_t = b + t * b_tap, [k][NV * 16].
+// Not inlined, and the pixels addressed as {0, s, 2s, 3s} from two base pointers: inlined into
+// the loops around it, the compiler ran out of general registers, kept the eight pixels'
+// offsets on the stack and reloaded them every iteration of the inner loop (the forward pass
+// went from about 270 to 300 GFLOP/s on 2 cores; 150 to 165 on one).
 template <int P, int NV>
-void conv_row(const float* a, const int64_t* offs, int taps, int cin, const float* b, float* c,
-              int ldc, int wo, bool accumulate) {
-  int p = 0;
-  for (; p + P <= wo; p += P)
-    micro_conv<P, NV>(a + p * cin, offs, taps, cin, b, c + p * ldc, ldc, accumulate);
-  for (; p < wo; ++p)
-    micro_conv<1, NV>(a + p * cin, offs, taps, cin, b, c + p * ldc, ldc, accumulate);
+__attribute__((noinline)) void micro_conv(const float* a, const int64_t* offs, int64_t s,
+                                          const float* b, int64_t b_tap, int nt, int kc,
+                                          float* c, int ldc, bool accumulate) {
+  static_assert(P <= 8, "two base pointers of four pixels each");
+  vf acc[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) acc[p][j] = accumulate ? load(c + p * ldc + j * kLanes) : vf{};
+  const int64_t s3 = 3 * s;
+  for (int t = 0; t < nt; ++t, b += b_tap) {
+    const float* a0 = a + offs[t];
+    const float* a4 = a0 + 4 * s;
+    const float* bt = b;
+    for (int k = 0; k < kc; ++k, ++a0, ++a4, bt += NV * kLanes) {
+      vf bv[NV];
+      for (int j = 0; j < NV; ++j) bv[j] = load(bt + j * kLanes);
+      for (int p = 0; p < P; ++p) {
+        const float* q = p < 4 ? a0 : a4;
+        const int m = p % 4;
+        vf av = splat(m == 0 ? q[0] : m == 1 ? q[s] : m == 2 ? q[2 * s] : q[s3]);
+        for (int j = 0; j < NV; ++j) acc[p][j] += av * bv[j];
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) store(c + p * ldc + j * kLanes, acc[p][j]);
 }
 
-// Taps per pass over a block's pixels: the pass's weights (taps * cin * tile width floats)
-// stay within about 32 KB, so they are read from L1 by every pixel group of the block (the
-// partial sums go through the output buffer between passes).
-int taps_per_pass(int taps, int cin, int width) {
-  return std::max(1, std::min(taps, 8192 / std::max(1, cin * width)));
-}
-
-// Forward tiles: 32 output channels x 8 pixels (16 accumulators), then 16 x 8. (64 x 4 and
-// 64 x 6 were tried: no faster on the UNet's layers.)
+// Forward tiles: 8 pixels x 32 output channels (16 accumulators), then x 16; a row's last
+// tile may be narrower. (64 x 4 and 64 x 6 were tried: no faster on the UNet's layers.)
+constexpr int kFwdPixels = 8;
 constexpr int kForwardWidest = 2;
+
+template <int NV>
+void conv_tile(int pixels, const float* a, const int64_t* offs, int64_t s, const float* b,
+               int64_t b_tap, int nt, int kc, float* c, int ldc, bool accumulate) {
+  switch (pixels) {
+#define LDM_CONV_TILE(P) \
+    case P: return micro_conv<P, NV>(a, offs, s, b, b_tap, nt, kc, c, ldc, accumulate);
+    LDM_CONV_TILE(1) LDM_CONV_TILE(2) LDM_CONV_TILE(3) LDM_CONV_TILE(4) LDM_CONV_TILE(5)
+    LDM_CONV_TILE(6) LDM_CONV_TILE(7) LDM_CONV_TILE(8)
+#undef LDM_CONV_TILE
+  }
+}
+
+// Weights per pass over a block's pixels (floats): a pass reads taps x kc channels x tile width
+// of them, which stay in L1 (48 KB here) while every pixel tile of the block uses them; the
+// partial sums go through the output buffer between passes. Whole taps while one fits, else
+// slices of one tap's input channels (before, a 512-channel tap's 64 KB were read from L2).
+constexpr int kPassFloats = 8192;
+
+// Blocks of a convolution's output for one thread: `rows` output rows of one image or, for maps
+// of at most about 256 pixels, `images` whole images, so that each weight tile loaded from cache
+// serves about 256 pixels, as long as every thread gets a block.
+struct Blocking {
+  int rows, row_blocks;
+  int64_t images, blocks;
+  Blocking(const ConvShape& s, bool split_channels, int64_t threads) {
+    rows = rows_per_block(s);
+    row_blocks = (s.ho + rows - 1) / rows;
+    images = 1;
+    if (row_blocks == 1) {
+      images = std::max<int64_t>(1, std::min<int64_t>(s.n, 256 / (s.ho * s.wo)));
+      if (!split_channels) images = std::max<int64_t>(1, std::min(images, s.n / threads));
+    }
+    blocks = row_blocks == 1 ? (s.n + images - 1) / images : s.n * row_blocks;
+  }
+  // Block b: images n0 .. n0 + nimg - 1, output rows ho0 .. ho0 + nrows - 1 of each.
+  void locate(const ConvShape& s, int64_t b, int64_t* n0, int* nimg, int* ho0, int* nrows) const {
+    *n0 = row_blocks == 1 ? b * images : b / row_blocks;
+    *nimg = row_blocks == 1 ? static_cast<int>(std::min<int64_t>(images, s.n - *n0)) : 1;
+    *ho0 = row_blocks == 1 ? 0 : static_cast<int>(b % row_blocks) * rows;
+    *nrows = std::min(rows, s.ho - *ho0);
+  }
+};
+
+// Whether to split a convolution over threads by output-channel tiles (each thread computes its
+// own columns of the result for every pixel, reading only its part of the weights) rather than
+// by pixel blocks: for small maps. Split by pixels, the forward pass read all the weights once
+// per block (9.4 MB for 512 -> 512 channels, per 64 pixels of a 4x8x8 map) and the weight
+// gradient summed one copy of dW per thread at the end (the same 9.4 MB per thread for 256
+// pixels). By channels when there are at least two tiles per thread and at most
+// kChannelSplitPixels output pixels per thread.
+constexpr int64_t kChannelSplitPixels = 1024;
+
+std::vector<std::pair<int, int>> column_tiles(int coutp, int widest) {
+  std::vector<std::pair<int, int>> tiles;  // (first column, vectors)
+  for_column_tiles(coutp, widest, [&](int c0, int nv) { tiles.emplace_back(c0, nv); });
+  return tiles;
+}
+
+bool split_by_channels(const ConvShape& s, size_t col_tiles, int64_t threads) {
+  return static_cast<int64_t>(col_tiles) >= 2 * threads &&
+         s.n * s.ho * s.wo <= kChannelSplitPixels * threads;
+}
 
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int64_t pt,
                        int64_t pb, int64_t pl, int64_t pr, ffi::Result<ffi::AnyBuffer> y) {
@@ -172,48 +231,87 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   float* yp = y->typed_data<float>();
   const int taps = s.kh * s.kw;
   const int64_t depth = static_cast<int64_t>(taps) * s.cin;
+  const auto col_tiles = column_tiles(s.coutp, kForwardWidest);
   // Weights tile-major: for each column tile, [taps * cin, tile width] contiguous, so the
-  // microkernel streams them in order.
-  std::vector<float> wpack(depth * s.coutp, 0.0f);
-  for_column_tiles(s.coutp, kForwardWidest, [&](int c0, int nv) {
-    float* dst = wpack.data() + depth * c0;
-    const int width = nv * kLanes, valid = std::max(0, std::min(width, s.cout - c0));
-    for (int64_t k = 0; k < depth; ++k)
-      std::memcpy(dst + k * width, wp + k * s.cout + c0, sizeof(float) * valid);
-  });
-  std::vector<int64_t> offs(taps);
-  for (int i = 0; i < s.kh; ++i)
-    for (int j = 0; j < s.kw; ++j) offs[i * s.kw + j] = (static_cast<int64_t>(i) * s.wpad + j) * s.cin;
-  const int rows = rows_per_block(s);
-  const int blocks = (s.ho + rows - 1) / rows;
-  parallel_ranges(pool, s.n * blocks, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(static_cast<size_t>(rows + s.kh - 1) * s.wpad * s.cin);
-    std::vector<float> out(static_cast<size_t>(rows) * s.wo * s.coutp);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks;
-      const int ho0 = static_cast<int>(item % blocks) * rows;
-      const int nrows = std::min(rows, s.ho - ho0);
-      gather_rows(s, xp, n, ho0, nrows, buf.data());
-      for_column_tiles(s.coutp, kForwardWidest, [&](int c0, int nv) {
-        const int width = nv * kLanes, chunk = taps_per_pass(taps, s.cin, width);
-        for (int t0 = 0; t0 < taps; t0 += chunk) {
-          const int nt = std::min(chunk, taps - t0);
-          const float* b = wpack.data() + depth * c0 + static_cast<int64_t>(t0) * s.cin * width;
-          for (int r = 0; r < nrows; ++r) {
-            const float* a = buf.data() + static_cast<size_t>(r) * s.wpad * s.cin;
-            float* c = out.data() + static_cast<size_t>(r) * s.wo * s.coutp + c0;
-            if (nv == 2)
-              conv_row<8, 2>(a, offs.data() + t0, nt, s.cin, b, c, s.coutp, s.wo, t0 > 0);
-            else
-              conv_row<8, 1>(a, offs.data() + t0, nt, s.cin, b, c, s.coutp, s.wo, t0 > 0);
-          }
-        }
-      });
-      float* dst = yp + (n * s.ho + ho0) * static_cast<int64_t>(s.wo) * s.cout;
-      for (int64_t p = 0; p < static_cast<int64_t>(nrows) * s.wo; ++p)
-        std::memcpy(dst + p * s.cout, out.data() + p * s.coutp, sizeof(float) * s.cout);
+  // microkernel streams them in order (packed in parallel: 9.4 MB of them took 1 ms).
+  std::vector<float> wpack(depth * s.coutp);
+  parallel_ranges(pool, col_tiles.size(), [&](int64_t t0, int64_t t1) {
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const auto [c0, nv] = col_tiles[ti];
+      float* dst = wpack.data() + depth * c0;
+      const int width = nv * kLanes, valid = std::max(0, std::min(width, s.cout - c0));
+      for (int64_t k = 0; k < depth; ++k) {
+        std::memcpy(dst + k * width, wp + k * s.cout + c0, sizeof(float) * valid);
+        std::memset(dst + k * width + valid, 0, sizeof(float) * (width - valid));
+      }
     }
   });
+  std::vector<int64_t> offs(taps);  // tap (i, j)'s first pixel in the gathered rows
+  for (int i = 0; i < s.kh; ++i)
+    for (int j = 0; j < s.kw; ++j)
+      offs[i * s.kw + j] = (static_cast<int64_t>(i) * s.wpad + j) * s.cin;
+  const int64_t threads = worker_threads(pool);
+  const bool split_channels = split_by_channels(s, col_tiles.size(), threads);
+  const Blocking bl(s, split_channels, threads);
+  const int tiles = (s.wo + kFwdPixels - 1) / kFwdPixels;  // pixel tiles per output row
+  const size_t image_buf = static_cast<size_t>(bl.rows + s.kh - 1) * s.wpad * s.cin;
+
+  // Blocks [b0, b1) x column tiles [t0, t1) of the output.
+  auto work = [&](int64_t b0, int64_t b1, int64_t t0, int64_t t1) {
+    std::vector<float> buf(bl.images * image_buf);
+    std::vector<float> out(static_cast<size_t>(bl.images) * bl.rows * s.wo * s.coutp);
+    for (int64_t block = b0; block < b1; ++block) {
+      int64_t n0;
+      int nimg, ho0, nrows;
+      bl.locate(s, block, &n0, &nimg, &ho0, &nrows);
+      for (int im = 0; im < nimg; ++im)
+        gather_rows(s, xp, n0 + im, ho0, nrows, buf.data() + im * image_buf);
+      const int64_t image_pixels = static_cast<int64_t>(nrows) * s.wo;
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const auto [c0, nv] = col_tiles[ti];
+        const int width = nv * kLanes;
+        const int64_t tap_floats = static_cast<int64_t>(s.cin) * width;
+        const int nt_pass = static_cast<int>(
+            std::max<int64_t>(1, std::min<int64_t>(taps, kPassFloats / tap_floats)));
+        const int kc_pass = nt_pass > 1 ? s.cin
+            : std::min(s.cin, std::max(kLanes, kPassFloats / width / kLanes * kLanes));
+        for (int tap0 = 0; tap0 < taps; tap0 += nt_pass) {
+          const int nt = std::min(nt_pass, taps - tap0);
+          for (int k0 = 0; k0 < s.cin; k0 += kc_pass) {
+            const int kc = std::min(kc_pass, s.cin - k0);
+            const bool accumulate = tap0 > 0 || k0 > 0;
+            const float* b = wpack.data() + depth * c0 + (static_cast<int64_t>(tap0) * s.cin + k0) * width;
+            for (int im = 0; im < nimg; ++im)
+              for (int r = 0; r < nrows; ++r)
+                for (int g = 0; g < tiles; ++g) {
+                  const int p0 = g * kFwdPixels, pixels = std::min(kFwdPixels, s.wo - p0);
+                  const float* a = buf.data() + im * image_buf +
+                                   (static_cast<int64_t>(r) * s.wpad + p0) * s.cin + k0;
+                  float* c = out.data() + (im * image_pixels + static_cast<int64_t>(r) * s.wo + p0) * s.coutp + c0;
+                  if (nv == 2)
+                    conv_tile<2>(pixels, a, offs.data() + tap0, s.cin, b, tap_floats, nt, kc, c,
+                                 s.coutp, accumulate);
+                  else
+                    conv_tile<1>(pixels, a, offs.data() + tap0, s.cin, b, tap_floats, nt, kc, c,
+                                 s.coutp, accumulate);
+                }
+          }
+        }
+      }
+      // The block's output rows are contiguous in y; this thread's columns of them.
+      const int c_begin = col_tiles[t0].first;
+      const int c_end = std::min(s.cout, t1 < static_cast<int64_t>(col_tiles.size())
+                                             ? col_tiles[t1].first : s.coutp);
+      float* dst = yp + (n0 * s.ho + ho0) * static_cast<int64_t>(s.wo) * s.cout;
+      for (int64_t p = 0; p < nimg * image_pixels; ++p)
+        std::memcpy(dst + p * s.cout + c_begin, out.data() + p * s.coutp + c_begin,
+                    sizeof(float) * (c_end - c_begin));
+    }
+  };
+  if (split_channels)
+    parallel_ranges(pool, col_tiles.size(), [&](int64_t t0, int64_t t1) { work(0, bl.blocks, t0, t1); });
+  else
+    parallel_ranges(pool, bl.blocks, [&](int64_t b0, int64_t b1) { work(b0, b1, 0, col_tiles.size()); });
   return ffi::Error::Success();
 }
 
@@ -229,67 +327,102 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   const int taps = s.kh * s.kw;
   const int groups = (s.cin + 7) / 8, cinp = groups * 8;  // input channels in planes of 8
   const size_t tap_size = static_cast<size_t>(cinp) * s.coutp;
-  std::vector<float> total(taps * tap_size, 0.0f);
-  std::mutex total_mutex;
-  const int rows = rows_per_block(s);
-  const int blocks = (s.ho + rows - 1) / rows;
-  const size_t plane = static_cast<size_t>(rows + s.kh - 1) * s.wpad * 8;
-  parallel_ranges(pool, s.n * blocks, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(static_cast<size_t>(rows + s.kh - 1) * s.wpad * s.cin);
+  const auto col_tiles = column_tiles(s.coutp, 2);
+  const int64_t threads = worker_threads(pool);
+  const bool split_channels = split_by_channels(s, col_tiles.size(), threads);
+  const Blocking bl(s, split_channels, threads);
+  const int in_rows = bl.rows + s.kh - 1;  // gathered rows per image
+  const size_t image_plane = static_cast<size_t>(in_rows) * s.wpad * 8;
+  const size_t plane = bl.images * image_plane;
+
+  // Blocks [b0, b1) x column tiles [t0, t1) into `acc` ([taps][cinp][coutp]).
+  auto work = [&](int64_t b0, int64_t b1, size_t t0, size_t t1, float* acc) {
+    std::vector<float> buf(static_cast<size_t>(in_rows) * s.wpad * s.cin);
     std::vector<float> planes(groups * plane, 0.0f);
-    std::vector<float> grad(static_cast<size_t>(rows) * s.wo * s.coutp, 0.0f);
-    std::vector<float> partial(taps * tap_size, 0.0f);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks;
-      const int ho0 = static_cast<int>(item % blocks) * rows;
-      const int nrows = std::min(rows, s.ho - ho0);
-      const int in_rows = nrows + s.kh - 1;
-      gather_rows(s, xp, n, ho0, nrows, buf.data());
-      // [pixel][cin] -> [cin / 8][pixel][8] (zero channels pad the last plane).
-      for (int gi = 0; gi < groups; ++gi) {
-        float* dst = planes.data() + gi * plane;
-        const int width = std::min(8, s.cin - gi * 8);
-        for (int64_t px = 0; px < static_cast<int64_t>(in_rows) * s.wpad; ++px)
-          for (int i = 0; i < 8; ++i) dst[px * 8 + i] = i < width ? buf[px * s.cin + gi * 8 + i] : 0.0f;
+    std::vector<float> grad(static_cast<size_t>(bl.images) * bl.rows * s.wo * s.coutp, 0.0f);
+    for (int64_t block = b0; block < b1; ++block) {
+      int64_t n0;
+      int nimg, ho0, nrows;
+      bl.locate(s, block, &n0, &nimg, &ho0, &nrows);
+      for (int im = 0; im < nimg; ++im) {
+        gather_rows(s, xp, n0 + im, ho0, nrows, buf.data());
+        // [pixel][cin] -> [cin / 8][image][pixel][8] (zero channels pad the last plane).
+        for (int gi = 0; gi < groups; ++gi) {
+          float* dst = planes.data() + gi * plane + im * image_plane;
+          const int width = std::min(8, s.cin - gi * 8);
+          for (int64_t px = 0; px < static_cast<int64_t>(nrows + s.kh - 1) * s.wpad; ++px)
+            for (int i = 0; i < 8; ++i)
+              dst[px * 8 + i] = i < width ? buf[px * s.cin + gi * 8 + i] : 0.0f;
+        }
       }
-      // The block's output gradient, one contiguous [pixels][tile width] panel per column tile.
-      const int64_t pixels = static_cast<int64_t>(nrows) * s.wo;
-      const float* g = dyp + (n * s.ho + ho0) * static_cast<int64_t>(s.wo) * s.cout;
-      for_column_tiles(s.coutp, 2, [&](int c0, int nv) {
+      // The block's output gradient (contiguous in dy), one [pixels][tile width] panel per
+      // column tile.
+      const int64_t image_pixels = static_cast<int64_t>(nrows) * s.wo;
+      const int64_t pixels = nimg * image_pixels;
+      const float* g = dyp + (n0 * s.ho + ho0) * static_cast<int64_t>(s.wo) * s.cout;
+      for (size_t ti = t0; ti < t1; ++ti) {
+        const auto [c0, nv] = col_tiles[ti];
         float* panel = grad.data() + pixels * c0;
         const int width = nv * kLanes, valid = std::max(0, std::min(width, s.cout - c0));
         for (int64_t px = 0; px < pixels; ++px) {
           std::memcpy(panel + px * width, g + px * s.cout + c0, sizeof(float) * valid);
           std::memset(panel + px * width + valid, 0, sizeof(float) * (width - valid));
         }
-      });
+      }
       for (int i = 0; i < s.kh; ++i) {
         for (int j = 0; j < s.kw; ++j) {
           const int64_t off = (static_cast<int64_t>(i) * s.wpad + j) * 8;
-          float* c_tap = partial.data() + (i * s.kw + j) * tap_size;
-          for_column_tiles(s.coutp, 2, [&](int c0, int nv) {
-            const float* panel = grad.data() + pixels * c0;
+          float* c_tap = acc + (i * s.kw + j) * tap_size;
+          for (size_t ti = t0; ti < t1; ++ti) {
+            const auto [c0, nv] = col_tiles[ti];
+            const int width = nv * kLanes;
             for (int gi = 0; gi < groups; ++gi) {
               float* c = c_tap + static_cast<size_t>(gi) * 8 * s.coutp + c0;
-              const float* a = planes.data() + gi * plane;
-              if (nv == 2)
-                micro_wgrad<2>(a, off, s.wpad, nrows, s.wo, panel, c, s.coutp);
-              else
-                micro_wgrad<1>(a, off, s.wpad, nrows, s.wo, panel, c, s.coutp);
+              for (int im = 0; im < nimg; ++im) {
+                const float* a = planes.data() + gi * plane + im * image_plane;
+                const float* panel = grad.data() + pixels * c0 + im * image_pixels * width;
+                if (nv == 2)
+                  micro_wgrad<2>(a, off, s.wpad, nrows, s.wo, panel, c, s.coutp);
+                else
+                  micro_wgrad<1>(a, off, s.wpad, nrows, s.wo, panel, c, s.coutp);
+              }
             }
-          });
+          }
         }
       }
     }
+  };
+  // dW[t][ci][columns] <- acc ([taps][cinp][coutp]) for the columns [c_begin, c_end).
+  float* out = dw->typed_data<float>();
+  auto copy_out = [&](const float* acc, int c_begin, int c_end) {
+    for (int t = 0; t < taps; ++t)
+      for (int ci = 0; ci < s.cin; ++ci)
+        std::memcpy(out + (static_cast<int64_t>(t) * s.cin + ci) * s.cout + c_begin,
+                    acc + t * tap_size + static_cast<size_t>(ci) * s.coutp + c_begin,
+                    sizeof(float) * (c_end - c_begin));
+  };
+  if (split_channels) {
+    // One shared accumulator; each thread zeroes, fills and copies out its own columns.
+    std::unique_ptr<float[]> acc(new float[taps * tap_size]);
+    parallel_ranges(pool, col_tiles.size(), [&](int64_t t0, int64_t t1) {
+      const int c_begin = col_tiles[t0].first;
+      const int c_end = t1 < static_cast<int64_t>(col_tiles.size()) ? col_tiles[t1].first : s.coutp;
+      for (size_t row = 0; row < static_cast<size_t>(taps) * cinp; ++row)
+        std::memset(acc.get() + row * s.coutp + c_begin, 0, sizeof(float) * (c_end - c_begin));
+      work(0, bl.blocks, t0, t1, acc.get());
+      copy_out(acc.get(), c_begin, std::min(c_end, s.cout));
+    });
+    return ffi::Error::Success();
+  }
+  std::vector<float> total(taps * tap_size, 0.0f);
+  std::mutex total_mutex;
+  parallel_ranges(pool, bl.blocks, [&](int64_t b0, int64_t b1) {
+    std::vector<float> partial(taps * tap_size, 0.0f);
+    work(b0, b1, 0, col_tiles.size(), partial.data());
     std::lock_guard<std::mutex> lock(total_mutex);
     for (size_t i = 0; i < total.size(); ++i) total[i] += partial[i];
   });
-  float* out = dw->typed_data<float>();
-  for (int t = 0; t < taps; ++t)
-    for (int ci = 0; ci < s.cin; ++ci)
-      std::memcpy(out + (static_cast<int64_t>(t) * s.cin + ci) * s.cout,
-                  total.data() + t * tap_size + static_cast<size_t>(ci) * s.coutp,
-                  sizeof(float) * s.cout);
+  copy_out(total.data(), 0, s.cout);
   return ffi::Error::Success();
 }
 
