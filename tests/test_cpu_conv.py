@@ -87,8 +87,9 @@ def test_selection_rules(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
     assert resolve("auto", 16384, layer(3, 64, 64), positions=4096) == "cpu_planned"
     assert resolve("auto", 4096, layer(3, 384, 128), positions=1024) == "cpu_planned"
-    # 8x8, 256 -> 256: every part in XLA, but planned for the input gradient's flipped kernel
-    assert resolve("auto", 256, layer(3, 256, 256), positions=64) == "cpu_planned"
+    # 1x8x8, 256 -> 256: every part in XLA, but planned for the input gradient's flipped kernel
+    assert resolve("auto", 64, layer(3, 256, 256), positions=64) == "cpu_planned"
+    assert conv_mod.cpu_plan((3, 3, 256, 256), 64) == (False, False, False)
     assert resolve("auto", 16, layer(3, 16, 16), positions=4) == "cpu_planned"   # narrow: kernel
     assert resolve("auto", 64, layer(1, 256, 128), positions=16) == "xla"   # 1x1, 32768 weights
     assert conv_mod.cpu_plan((1, 1, 256, 128), 16) == (False, False, False)
@@ -103,8 +104,9 @@ def test_selection_rules(monkeypatch):
     plan = conv_mod.cpu_plan
     assert plan((3, 3, 64, 64), 4096) == (True, True, True)
     assert plan((3, 3, 384, 128), 1024) == (True, True, True)
-    assert plan((3, 3, 256, 256), 64) == (False, False, False)     # 8x8, wide: XLA
-    assert plan((3, 3, 64, 64), 64) == (True, True, True)         # 8x8, narrow: the kernel
+    assert plan((3, 3, 256, 256), 64) == (False, False, False)     # 1x8x8, wide: XLA
+    assert plan((3, 3, 1024, 512), 256) == (True, True, True)     # 4x8x8, wide: the kernel
+    assert plan((3, 3, 64, 64), 64) == (True, True, True)         # 1x8x8, narrow: the kernel
     assert plan((3, 3, 64, 3), 4096) == (False, True, True)        # 3 output channels
     assert plan((3, 3, 3, 64), 4096) == (True, False, True)        # 3 input channels
 

@@ -24,6 +24,7 @@ from ldm_jax.kernels import build as kernel_build
 from ldm_jax.kernels import cpu_attention
 from ldm_jax.models.chunked_attention import chunked_attention
 from ldm_jax.models.conv import Conv
+from ldm_jax.models.group_norm import GroupNorm
 
 Dtype = Any
 
@@ -152,13 +153,13 @@ NORM_GROUPS = 32
 
 
 def group_norm(x: jax.Array, name: str, epsilon: float = 1e-5,
-               num_groups: int = NORM_GROUPS) -> jax.Array:
-    """GroupNorm computed in float32 and cast back (reference ``GroupNorm32``).
+               num_groups: int = NORM_GROUPS, activation: Optional[str] = None) -> jax.Array:
+    """GroupNorm computed in float32 and cast back (reference ``GroupNorm32``), with the SiLU
+    that follows it fused when ``activation='silu'`` (ldm_jax/models/group_norm.py).
 
     Must be called inside a compact method; the layer becomes a child named ``name``.
     """
-    y = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
-                     param_dtype=jnp.float32, name=name)(x.astype(jnp.float32))
+    y = GroupNorm(num_groups=num_groups, epsilon=epsilon, activation=activation, name=name)(x)
     return y.astype(x.dtype)
 
 

@@ -32,6 +32,7 @@ from ldm_jax.config.loading import ConfigError
 from ldm_jax.models.distributions import DiagonalGaussian
 from ldm_jax.models.quantizer import VectorQuantizer
 from ldm_jax.models.conv import Conv
+from ldm_jax.models.group_norm import GroupNorm
 from ldm_jax.models.remat import check_remat, remat_block
 
 Dtype = Any
@@ -59,13 +60,15 @@ def _conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1,
                 bias_init=nn.initializers.zeros, name=name)
 
 
-def _group_norm(x: jax.Array, num_groups: int, dtype: Dtype, name: str) -> jax.Array:
-    """GroupNorm(num_groups, eps=1e-6, affine) computed in float32, result cast to ``dtype``.
+def _group_norm(x: jax.Array, num_groups: int, dtype: Dtype, name: str,
+                activation: Optional[str] = None) -> jax.Array:
+    """GroupNorm(num_groups, eps=1e-6, affine) computed in float32, result cast to ``dtype``;
+    ``activation='silu'`` fuses the SiLU that follows it (ldm_jax/models/group_norm.py).
 
     Must be called from inside a compact method (it creates a submodule named ``name``).
     """
-    y = nn.GroupNorm(num_groups=num_groups, epsilon=GROUPNORM_EPS, dtype=jnp.float32,
-                     param_dtype=jnp.float32, use_fast_variance=False, name=name)(x)
+    y = GroupNorm(num_groups=num_groups, epsilon=GROUPNORM_EPS, use_fast_variance=False,
+                  activation=activation, name=name)(x)
     return y.astype(dtype)
 
 
@@ -118,11 +121,9 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype)
-        h = _group_norm(x, self.num_groups, self.dtype, "norm1")
-        h = nn.swish(h)
+        h = _group_norm(x, self.num_groups, self.dtype, "norm1", "silu")
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
-        h = _group_norm(h, self.num_groups, self.dtype, "norm2")
-        h = nn.swish(h)
+        h = _group_norm(h, self.num_groups, self.dtype, "norm2", "silu")
         h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -242,8 +243,7 @@ class Encoder(_RematBlocks, nn.Module):
             h = self._attn(self.num_groups, self.dtype, name="mid_attn_1")(h)
         h = self._resnet(block_in, self.dropout, self.num_groups, self.dtype,
                          name="mid_block_2")(h, train)
-        h = _group_norm(h, self.num_groups, self.dtype, "norm_out")
-        h = nn.swish(h)
+        h = _group_norm(h, self.num_groups, self.dtype, "norm_out", "silu")
         out_ch = 2 * self.z_channels if self.double_z else self.z_channels
         return _conv(out_ch, 3, self.dtype, "conv_out")(h)
 
@@ -293,8 +293,7 @@ class Decoder(_RematBlocks, nn.Module):
             if i != 0:
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
                 curr_res *= 2
-        h = _group_norm(h, self.num_groups, self.dtype, "norm_out")
-        h = nn.swish(h)
+        h = _group_norm(h, self.num_groups, self.dtype, "norm_out", "silu")
         out = _make_conv_out(self.out_ch, self.dtype, name="conv_out")(h).astype(jnp.float32)
         if return_features:
             # bf16 -> f32 is lossless, so apply_decoder_conv_out(.., dtype) sees the same inputs.

@@ -59,13 +59,16 @@ AUTO_GEMM_MIN_ROWS = 16384
 # per part on the 2-core AVX-512 CPU, 3x3 (ms, XLA / kernel; docs/performance.md), the kernel
 # wins nearly everywhere: batch 4, 64x64, 64 -> 64: fwd 7.1 / 3.8, input gradient 6.4 / 3.7,
 # weight gradient (XLA's or the GEMM one) 10.4 / 3.4; 32x32, 384 -> 128: 10.5 / 10.3,
-# 10.9 / 9.8, 19.1 / 11.4; 16x16, 384 -> 192: 6.0 / 5.3, 5.0 / 4.8, 5.5 / 4.3. XLA keeps:
-#   * 8x8 maps with >= 256 input channels (256 -> 256: fwd 1.3 / 1.6, weight gradient
-#     1.5 / 1.7): too few pixels per block to reuse the weights;
+# 10.9 / 9.8, 19.1 / 11.4; 8x8, 1024 -> 512: fwd 15.1 / 11.4, fwd + both gradients
+# 35.9 / 29.1 (small maps run in blocks of whole images, split over threads by output
+# channels). XLA keeps:
+#   * layers with >= 256 input channels and at most 64 output positions over the whole batch
+#     (1x8x8 or 4x4x4, 512 -> 512: fwd 2.0 / 2.1 and 2.2 / 2.3; 1x4x4, 1024 -> 512: fwd
+#     2.0 / 2.6): too few pixels to reuse the weights;
 #   * the forward pass of layers with < 16 output channels (64 -> 3: 0.9 / 1.3) and the input
 #     gradient of layers with < 16 input channels (3 -> 64: 0.9 / 1.4): the kernel pads the
 #     output channels to a whole vector of 16.
-PLAN_XLA_MAX_POSITIONS = 8 * 8
+PLAN_XLA_MAX_ROWS = 64
 PLAN_XLA_MIN_CIN = 256
 PLAN_MIN_CHANNELS = 16
 
@@ -94,7 +97,7 @@ def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
                         layer=None, dtype=jnp.float32, positions: Optional[int] = None) -> str:
     """'xla', 'gemm' or 'cpu_fused' for this backend and a layer whose weight gradient
     contracts over `rows` = N*Ho*Wo positions; `layer` = (kernel shape, strides, padding),
-    `positions` = Ho*Wo (per image).
+    `positions` = Ho*Wo (per image; None: not planned).
 
     'auto' on CPU: 'cpu_planned' for stride-1 float32 layers where `cpu_plan` puts at least one
     part of the convolution in the kernel, on a single device (the kernel is a custom call,
@@ -116,7 +119,7 @@ def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
         # gradient then takes its flipped, transposed kernel from the C++ copy.
         if (cpu and layer is not None and positions is not None and dtype == jnp.float32
                 and _cpu_kernel_fits(layer)
-                and (any(cpu_plan(layer[0], positions))
+                and (any(cpu_plan(layer[0], rows if rows is not None else positions))
                      or cpu_conv.flips_in_kernel(layer[0]))
                 and kernel_build.single_cpu_device() and cpu_conv.available()):
             return "cpu_planned"
@@ -125,12 +128,12 @@ def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
     return impl
 
 
-def cpu_plan(kernel_shape, positions: int) -> Tuple[bool, bool, bool]:
+def cpu_plan(kernel_shape, rows: int) -> Tuple[bool, bool, bool]:
     """(forward, input gradient, weight gradient): which parts of a stride-1 float32 layer run
-    in ldm_jax's C++ kernel under 'auto' on CPU, for `positions` = Ho*Wo output positions per
-    image (the rules and their measurements are above PLAN_XLA_MAX_POSITIONS)."""
+    in ldm_jax's C++ kernel under 'auto' on CPU, for `rows` = N*Ho*Wo output positions over
+    the batch (the rules and their measurements are above PLAN_XLA_MAX_ROWS)."""
     cin, cout = kernel_shape[2], kernel_shape[3]
-    if positions <= PLAN_XLA_MAX_POSITIONS and cin >= PLAN_XLA_MIN_CIN:
+    if rows <= PLAN_XLA_MAX_ROWS and cin >= PLAN_XLA_MIN_CIN:
         return False, False, False
     return cout >= PLAN_MIN_CHANNELS, cin >= PLAN_MIN_CHANNELS, True
 
@@ -225,7 +228,7 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Tuple[int, int],
         return cpu_conv.cpu_conv2d(x, w, padding)
     if impl == "cpu_planned":
         return conv_cpu_planned(x, w, cpu_conv.check(w.shape, padding),
-                                cpu_plan(w.shape, ho * wo))
+                                cpu_plan(w.shape, x.shape[0] * ho * wo))
     if impl == "gemm":
         return conv_gemm_weight_grad(x, w, tuple(strides), tuple(map(tuple, padding)))
     return _xla_conv(x, w, tuple(strides), tuple(map(tuple, padding)))

@@ -134,7 +134,7 @@ class ResBlock(nn.Module):
         if skip is not None:
             x = _concat_skip(x, skip.astype(x.dtype), x.shape[-1])
         out_ch = self.out_channels
-        h = nn.silu(group_norm(x, "in_norm"))
+        h = group_norm(x, "in_norm", activation="silu")
         if self.up:
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         elif self.down:
@@ -147,10 +147,9 @@ class ResBlock(nn.Module):
         e = e.astype(h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = group_norm(h, "out_norm") * (1 + scale) + shift
+            h = nn.silu(group_norm(h, "out_norm") * (1 + scale) + shift)
         else:
-            h = group_norm(h + e, "out_norm")
-        h = nn.silu(h)
+            h = group_norm(h + e, "out_norm", activation="silu")
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = _conv(out_ch, "out_conv", self.dtype, zero=True)(h)
 
@@ -311,6 +310,6 @@ class UNetModel(nn.Module):
                     ds //= 2
                 block += 1
 
-        h = nn.silu(group_norm(h, "out_norm"))
+        h = group_norm(h, "out_norm", activation="silu")
         h = _conv(self.out_channels, "out_conv", self.dtype, zero=True)(h)
         return h.astype(jnp.float32)
