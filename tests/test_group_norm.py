@@ -1,5 +1,6 @@
-"""ldm_jax/models/group_norm.py: GroupNorm (+ SiLU) with its hand-written backward pass, against
-flax's GroupNorm and autodiff, in float32 and against a float64 recomputation."""
+"""ldm_jax/models/group_norm.py: GroupNorm (+ SiLU) with its hand-written backward pass, in XLA
+and in the C++ kernel (ldm_jax/kernels/cpu_norm.cc), against flax's GroupNorm and autodiff in
+float32 and against a float64 recomputation."""
 
 import flax.linen as nn
 import jax
@@ -30,9 +31,10 @@ def _inputs(shape, offset=0.0, seed=0):
                                           ((1, 3, 4, 2, 6), 3)])
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("act", [None, "silu"])
-def test_matches_flax_values_and_gradients(shape, groups, fast, act):
+@pytest.mark.parametrize("impl", ["xla", "cpu_fused"])
+def test_matches_flax_values_and_gradients(shape, groups, fast, act, impl):
     x, scale, bias, cot = _inputs(shape, offset=0.4)
-    ours = lambda x, s, b: group_norm(x, s, b, groups, 1e-5, fast, act)
+    ours = lambda x, s, b: group_norm(x, s, b, groups, 1e-5, fast, act, impl)
     ref = lambda x, s, b: _flax(x, s, b, groups, 1e-5, fast, act)
     y, vjp = jax.vjp(ours, x, scale, bias)
     y_ref, vjp_ref = jax.vjp(ref, x, scale, bias)
@@ -64,10 +66,13 @@ def _float64_reference(x, scale, bias, groups, eps, cot):
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])
-def test_two_pass_variance_matches_float64_far_from_zero_mean(offset):
-    # the autoencoder's setting (use_fast_variance=False): exact also when the mean is large
-    x, scale, bias, cot = _inputs((2, 8, 8, 32), offset=offset, seed=3)
-    y, vjp = jax.vjp(lambda x, s, b: group_norm(x, s, b, 8, 1e-6, False, "silu"), x, scale, bias)
+@pytest.mark.parametrize("impl", ["xla", "cpu_fused"])
+def test_two_pass_variance_matches_float64_far_from_zero_mean(offset, impl):
+    # the autoencoder's setting (use_fast_variance=False): exact also when the mean is large;
+    # 700 positions: several of the kernel's work items per sample, channels not a whole vector
+    x, scale, bias, cot = _inputs((2, 20, 35, 40), offset=offset, seed=3)
+    y, vjp = jax.vjp(lambda x, s, b: group_norm(x, s, b, 8, 1e-6, False, "silu", impl),
+                     x, scale, bias)
     y64, grads64 = _float64_reference(x, scale, bias, 8, 1e-6, cot)
     np.testing.assert_allclose(np.asarray(y), y64, atol=1e-5, rtol=1e-5)
     for got, want in zip(vjp(cot), grads64):
@@ -85,5 +90,7 @@ def test_module_has_flax_parameters_and_rejects_bad_input():
     assert y.dtype == jnp.float32       # computed and returned in float32, as flax's dtype=f32
     with pytest.raises(ValueError, match="32 groups must divide the channels"):
         GroupNorm(num_groups=32).init(jax.random.key(0), jnp.ones((1, 4, 4, 48)))
+    with pytest.raises(ValueError, match="impl='fast' is not one of"):
+        GroupNorm(num_groups=4, impl="fast").init(jax.random.key(0), jnp.ones((1, 4, 8)))
     with pytest.raises(ValueError, match="activation='gelu' is not one of"):
         GroupNorm(num_groups=4, activation="gelu").init(jax.random.key(0), jnp.ones((1, 4, 8)))

@@ -24,6 +24,20 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = (None, "silu")
+IMPLS = ("auto", "xla", "cpu_fused")
+
+
+def _resolve_impl(impl: str, x) -> str:
+    """'cpu_fused' (ldm_jax/kernels/cpu_norm.cc) or 'xla'. 'auto': the kernel for float32 on a
+    single CPU device when it builds (a custom call cannot be partitioned over a mesh), else XLA."""
+    if impl not in IMPLS:
+        raise ValueError(f"group_norm impl={impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        from ldm_jax.kernels import build, cpu_norm
+        use = (x.dtype == jnp.float32 and jax.default_backend() == "cpu"
+               and build.single_cpu_device() and cpu_norm.available())
+        return "cpu_fused" if use else "xla"
+    return impl
 
 
 def _check(x, num_groups: int, activation: Optional[str]) -> None:
@@ -72,25 +86,40 @@ def _pre_activation(x, scale, bias, mean, rstd, groups: int):
     return x * _broadcast(a, x) + _broadcast(b, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def group_norm(x, scale, bias, num_groups: int, epsilon: float, fast_variance: bool = True,
-               activation: Optional[str] = None):
+               activation: Optional[str] = None, impl: str = "auto"):
     """act((x - mean) / sqrt(var + eps) * scale + bias) with the statistics per sample and
-    group of channels (the last axis) over every other axis; x float32 [N, ..., C]."""
-    return _forward(x, scale, bias, num_groups, epsilon, fast_variance, activation)[0]
-
-
-def _forward(x, scale, bias, num_groups, epsilon, fast_variance, activation):
+    group of channels (the last axis) over every other axis; x float32 [N, ..., C]. `impl`:
+    'auto', 'xla' (the formulation in this file) or 'cpu_fused' (the C++ kernel)."""
     _check(x, num_groups, activation)
+    return _group_norm(x, scale, bias, num_groups, float(epsilon), bool(fast_variance),
+                       activation, _resolve_impl(impl, x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _group_norm(x, scale, bias, num_groups, epsilon, fast_variance, activation, impl):
+    return _forward(x, scale, bias, num_groups, epsilon, fast_variance, activation, impl)[0]
+
+
+def _forward(x, scale, bias, num_groups, epsilon, fast_variance, activation, impl):
+    if impl == "cpu_fused":
+        from ldm_jax.kernels import cpu_norm
+        y, mean, rstd = cpu_norm.forward(x, scale, bias, num_groups, epsilon, fast_variance,
+                                         activation == "silu")
+        return y, (x, scale, bias, mean, rstd)
     mean, rstd = _statistics(x, num_groups, epsilon, fast_variance)
     h = _pre_activation(x, scale, bias, mean, rstd, num_groups)
     y = jax.nn.silu(h) if activation == "silu" else h
     return y, (x, scale, bias, mean, rstd)
 
 
-def _backward(num_groups, epsilon, fast_variance, activation, residuals, dy):
+def _backward(num_groups, epsilon, fast_variance, activation, impl, residuals, dy):
     del epsilon, fast_variance
     x, scale, bias, mean, rstd = residuals
+    if impl == "cpu_fused":
+        from ldm_jax.kernels import cpu_norm
+        return cpu_norm.backward(x, scale, bias, mean, rstd, dy, num_groups,
+                                 activation == "silu")
     n, c = x.shape[0], x.shape[-1]
     if activation == "silu":
         h = _pre_activation(x, scale, bias, mean, rstd, num_groups)
@@ -118,7 +147,7 @@ def _backward(num_groups, epsilon, fast_variance, activation, residuals, dy):
     return dx, dscale, dbias
 
 
-group_norm.defvjp(_forward, _backward)
+_group_norm.defvjp(_forward, _backward)
 
 
 class GroupNorm(nn.Module):
@@ -129,6 +158,7 @@ class GroupNorm(nn.Module):
     epsilon: float = 1e-5
     use_fast_variance: bool = True
     activation: Optional[str] = None
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,5 +166,5 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon,
-                          self.use_fast_variance, self.activation)
+                          self.use_fast_variance, self.activation, self.impl)
 
