@@ -108,9 +108,11 @@ def _kind(name: str, op_name: str, kinds: set) -> str:
     if any(t.startswith("ldm_jax_") for t in targets):
         # ldm_jax's C++ kernels (ldm_jax/kernels), by custom-call target.
         target = next(t for t in targets if t.startswith("ldm_jax_"))
-        what = "attention" if "attention" in target else "conv"
+        if target == "ldm_jax_flip_transpose":
+            return "ldm_jax kernel: conv flipped weights"
+        what = next((w for w in ("attention", "group_norm") if w in target), "conv")
         part = "forward" if target.endswith(("forward", "forward_packed")) else "backward"
-        return f"ldm_jax kernel: {what} {part}"
+        return f"ldm_jax kernel: {what.replace('_', ' ')} {part}"
     for prefix, kind in _GPU_TARGETS:
         if any(t.startswith(prefix) for t in targets):
             return kind

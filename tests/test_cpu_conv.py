@@ -150,3 +150,18 @@ def test_input_gradient_through_the_flipped_kernel_matches_xla(plan, pad, monkey
     g = jax.random.normal(jax.random.key(5), y.shape)
     np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]),
                                atol=2e-5 * float(jnp.abs(vjp_ref(g)[0]).max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 40, 70), (3, 1, 17, 33), (2, 3, 64, 20)])
+def test_forward_with_the_layer_kernel_flipped_in_packing(shape):
+    # the input gradient's convolution packs flip_transpose(w) from w itself: bitwise the same
+    # as running the forward pass on the materialised flipped kernel
+    kh, kw, cin, cout = shape
+    dy = jax.random.normal(jax.random.key(1), (2, 9, 11, cout))
+    w = jax.random.normal(jax.random.key(2), shape)
+    pad = ((kh - 1, kh - 1), (kw - 1, 0))
+    got = jax.jit(lambda d, w: cpu_conv.forward(d, w, pad, flipped=True))(dy, w)
+    want = jax.jit(lambda d, w: cpu_conv.forward(
+        d, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), pad))(dy, w)
+    assert got.shape == (2, 9 + kh - 1, 11, cin)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

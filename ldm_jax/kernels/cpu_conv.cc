@@ -30,9 +30,10 @@ struct ConvShape {
   int h, w, cin, cout, kh, kw, pt, pb, pl, pr, ho, wo, wpad, coutp;
 };
 
+// `flipped`: the kernel is given as the forward layer's, [kh, kw, cout, cin] (see ConvForward).
 ffi::Error conv_shape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_or_dy, bool second_is_dy,
                       int64_t kh, int64_t kw, int64_t cout, int64_t pt, int64_t pb, int64_t pl,
-                      int64_t pr, ConvShape* s) {
+                      int64_t pr, ConvShape* s, bool flipped = false) {
   auto xd = x.dimensions();
   if (x.element_type() != ffi::F32 || w_or_dy.element_type() != ffi::F32)
     return ffi::Error::InvalidArgument("ldm_conv: operands must be float32");
@@ -53,7 +54,8 @@ ffi::Error conv_shape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_or_dy, bo
   auto od = w_or_dy.dimensions();
   if (second_is_dy && (od[0] != s->n || od[1] != s->ho || od[2] != s->wo || od[3] != cout))
     return ffi::Error::InvalidArgument("ldm_conv: output gradient shape mismatch");
-  if (!second_is_dy && (od[0] != kh || od[1] != kw || od[2] != s->cin || od[3] != cout))
+  const int64_t w_in = flipped ? cout : s->cin, w_out = flipped ? s->cin : cout;
+  if (!second_is_dy && (od[0] != kh || od[1] != kw || od[2] != w_in || od[3] != w_out))
     return ffi::Error::InvalidArgument("ldm_conv: kernel shape mismatch");
   return ffi::Error::Success();
 }
@@ -219,11 +221,18 @@ bool split_by_channels(const ConvShape& s, size_t col_tiles, int64_t threads) {
          s.n * s.ho * s.wo <= kChannelSplitPixels * threads;
 }
 
+// With `flipped` set, w is a forward layer's kernel [kh, kw, C, K] and the convolution runs
+// with its flipped, transposed kernel w'[i][j][k][c] = w[kh-1-i][kw-1-j][c][k] (input K
+// channels, output C): the input gradient of that layer. The packing below reads w' straight
+// from w, where a separate flip_transpose wrote and read all the weights once more (150 ms of a
+// width-128 UNet step).
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int64_t pt,
-                       int64_t pb, int64_t pl, int64_t pr, ffi::Result<ffi::AnyBuffer> y) {
+                       int64_t pb, int64_t pl, int64_t pr, int64_t flipped,
+                       ffi::Result<ffi::AnyBuffer> y) {
   auto wd = w.dimensions();
   ConvShape s;
-  if (ffi::Error e = conv_shape(x, w, false, wd[0], wd[1], wd[3], pt, pb, pl, pr, &s);
+  if (ffi::Error e = conv_shape(x, w, false, wd[0], wd[1], flipped ? wd[2] : wd[3], pt, pb, pl,
+                                pr, &s, flipped != 0);
       e.failure())
     return e;
   const float* xp = x.typed_data<float>();
@@ -240,9 +249,23 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       const auto [c0, nv] = col_tiles[ti];
       float* dst = wpack.data() + depth * c0;
       const int width = nv * kLanes, valid = std::max(0, std::min(width, s.cout - c0));
-      for (int64_t k = 0; k < depth; ++k) {
-        std::memcpy(dst + k * width, wp + k * s.cout + c0, sizeof(float) * valid);
-        std::memset(dst + k * width + valid, 0, sizeof(float) * (width - valid));
+      if (!flipped) {
+        for (int64_t k = 0; k < depth; ++k) {
+          std::memcpy(dst + k * width, wp + k * s.cout + c0, sizeof(float) * valid);
+          std::memset(dst + k * width + valid, 0, sizeof(float) * (width - valid));
+        }
+        continue;
+      }
+      // dst[t][k][j] = w[taps-1-t][c0 + j][k]: rows of w read in order, 16 x 16 blocks.
+      std::fill(dst, dst + depth * width, 0.0f);
+      for (int t = 0; t < taps; ++t) {
+        const float* src = wp + static_cast<int64_t>(taps - 1 - t) * s.cout * s.cin;
+        float* d = dst + static_cast<int64_t>(t) * s.cin * width;
+        for (int kb = 0; kb < s.cin; kb += 16)
+          for (int j = 0; j < valid; ++j) {
+            const float* row = src + static_cast<int64_t>(c0 + j) * s.cin;
+            for (int k = kb; k < std::min(s.cin, kb + 16); ++k) d[k * width + j] = row[k];
+          }
       }
     }
   });
@@ -477,6 +500,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmConvForward, ConvForward,
                                   .Attr<int64_t>("pad_bottom")
                                   .Attr<int64_t>("pad_left")
                                   .Attr<int64_t>("pad_right")
+                                  .Attr<int64_t>("flipped")
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmConvWeightGrad, ConvWeightGrad,

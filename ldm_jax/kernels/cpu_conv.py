@@ -48,14 +48,18 @@ def _pads(padding: Padding) -> dict:
                 pad_right=np.int64(pr))
 
 
-def forward(x, w, padding: Padding):
-    """The kernel's forward pass (float32 operands)."""
+def forward(x, w, padding: Padding, *, flipped: bool = False):
+    """The kernel's forward pass (float32 operands). With `flipped`, `w` is a layer's kernel
+    [kh, kw, C, K] and the convolution uses flip_transpose(w) (K -> C channels) without
+    materialising it: the kernel packs its weights from w directly."""
     n, h, wd, _ = x.shape
-    kh, kw, _, cout = w.shape
+    kh, kw = w.shape[:2]
+    cout = w.shape[2] if flipped else w.shape[3]
     ho = h + sum(padding[0]) - kh + 1
     wo = wd + sum(padding[1]) - kw + 1
     out = jax.ShapeDtypeStruct((n, ho, wo, cout), jnp.float32)
-    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(x, w, **_pads(padding))
+    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")(
+        x, w, flipped=np.int64(flipped), **_pads(padding))
 
 
 # Below this many weights flip_transpose leaves the copy to XLA: 3x3x64x48 took 0.05 ms in the
@@ -90,7 +94,7 @@ def input_grad_padding(kernel_hw, padding: Padding) -> Padding:
 def input_grad(dy, w, padding: Padding):
     """dX: the 'full' correlation of dY with the flipped kernel, input and output channels
     swapped: the forward kernel with padding k - 1 - p."""
-    return forward(dy, flip_transpose(w), input_grad_padding(w.shape[:2], padding))
+    return forward(dy, w, input_grad_padding(w.shape[:2], padding), flipped=True)
 
 
 def weight_grad(x, dy, kernel_shape, padding: Padding):
