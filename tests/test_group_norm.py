@@ -92,5 +92,8 @@ def test_module_has_flax_parameters_and_rejects_bad_input():
         GroupNorm(num_groups=32).init(jax.random.key(0), jnp.ones((1, 4, 4, 48)))
     with pytest.raises(ValueError, match="impl='fast' is not one of"):
         GroupNorm(num_groups=4, impl="fast").init(jax.random.key(0), jnp.ones((1, 4, 8)))
+    with pytest.raises(ValueError, match="impl='cpu_fused' takes float32 inputs on CPU"):
+        group_norm(jnp.ones((1, 4, 8), jnp.bfloat16), jnp.ones(8), jnp.zeros(8), 4, 1e-5,
+                   impl="cpu_fused")
     with pytest.raises(ValueError, match="activation='gelu' is not one of"):
         GroupNorm(num_groups=4, activation="gelu").init(jax.random.key(0), jnp.ones((1, 4, 8)))

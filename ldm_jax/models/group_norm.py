@@ -39,6 +39,9 @@ def _resolve_impl(impl: str, x) -> str:
         use = (x.dtype == jnp.float32 and jax.default_backend() == "cpu"
                and build.single_cpu_device() and cpu_norm.available())
         return "cpu_fused" if use else "xla"
+    if impl == "cpu_fused" and (x.dtype != jnp.float32 or jax.default_backend() != "cpu"):
+        raise ValueError(f"group_norm impl='cpu_fused' takes float32 inputs on CPU (got "
+                         f"{x.dtype} on {jax.default_backend()}); use impl='auto'")
     return impl
 
 
