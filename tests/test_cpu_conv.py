@@ -83,21 +83,21 @@ def test_selection_rules(monkeypatch):
     resolve = conv_mod.resolve_weight_grad
     # Tests run with 8 CPU devices: 'auto' keeps XLA-based paths (the custom call would be
     # gathered onto every device of a mesh).
-    assert resolve("auto", 16384, layer(3, 64, 64), positions=4096) == "gemm"
+    assert resolve("auto", 16384, layer(3, 64, 64)) == "gemm"
     monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
-    assert resolve("auto", 16384, layer(3, 64, 64), positions=4096) == "cpu_planned"
-    assert resolve("auto", 4096, layer(3, 384, 128), positions=1024) == "cpu_planned"
+    assert resolve("auto", 16384, layer(3, 64, 64)) == "cpu_planned"
+    assert resolve("auto", 4096, layer(3, 384, 128)) == "cpu_planned"
     # 1x8x8, 256 -> 256: every part in XLA, but planned for the input gradient's flipped kernel
-    assert resolve("auto", 64, layer(3, 256, 256), positions=64) == "cpu_planned"
+    assert resolve("auto", 64, layer(3, 256, 256)) == "cpu_planned"
     assert conv_mod.cpu_plan((3, 3, 256, 256), 64) == (False, False, False)
-    assert resolve("auto", 16, layer(3, 16, 16), positions=4) == "cpu_planned"   # narrow: kernel
-    assert resolve("auto", 64, layer(1, 256, 128), positions=16) == "xla"   # 1x1, 32768 weights
+    assert resolve("auto", 16, layer(3, 16, 16)) == "cpu_planned"   # narrow: kernel
+    assert resolve("auto", 64, layer(1, 256, 128)) == "xla"   # 1x1, 32768 weights
     assert conv_mod.cpu_plan((1, 1, 256, 128), 16) == (False, False, False)
-    assert resolve("auto", 1024, layer(3, 64, 64, s=(2, 2)), positions=256) == "xla"  # strided
-    assert resolve("auto", 16384, layer(3, 64, 64), dtype=jnp.bfloat16, positions=4096) == "gemm"
+    assert resolve("auto", 1024, layer(3, 64, 64, s=(2, 2))) == "xla"  # strided
+    assert resolve("auto", 16384, layer(3, 64, 64), dtype=jnp.bfloat16) == "gemm"
     # explicit: every part in the kernel; strided layers fall back to 'auto'
-    assert resolve("cpu_fused", 16384, layer(3, 256, 256), positions=4096) == "cpu_fused"
-    assert resolve("cpu_fused", 16384, layer(3, 64, 64, s=(2, 2)), positions=4096) == "gemm"
+    assert resolve("cpu_fused", 16384, layer(3, 256, 256)) == "cpu_fused"
+    assert resolve("cpu_fused", 16384, layer(3, 64, 64, s=(2, 2))) == "gemm"
     with pytest.raises(ValueError, match="is not one of"):
         resolve("fused", 10, layer(3, 8, 8))
     # the per-part plan (fwd, dx, dw) the measurements chose

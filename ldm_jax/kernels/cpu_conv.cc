@@ -109,15 +109,6 @@ inline void micro_wgrad(const float* a, int64_t off, int wpad, int rows, int wo,
     for (int j = 0; j < NV; ++j) store(c + i * ldc + j * kLanes, acc[i][j]);
 }
 
-// Column tiles of the (padded) output channels: `widest` vectors wide while they fit, then 2
-// and 1 (coutp is a whole number of vectors).
-template <typename Fn>
-void for_column_tiles(int coutp, int widest, Fn fn) {
-  int c = 0;
-  for (int nv = widest; nv >= 1; nv /= 2)
-    for (; c + nv * kLanes <= coutp; c += nv * kLanes) fn(c, nv);
-}
-
 // C[p][0 .. NV*16) (=|+=) sum over taps t < nt and channels k < kc of A[p][t][k] * B_t[k][.]
 // for P consecutive pixels p of an output row: A[p][t] = a + offs[t] + p * s (the gathered
 // input rows as they are, [pixel][cin]), B_t = b + t * b_tap, [k][NV * 16].
@@ -210,9 +201,13 @@ struct Blocking {
 // kChannelSplitPixels output pixels per thread.
 constexpr int64_t kChannelSplitPixels = 1024;
 
+// Column tiles of the (padded) output channels, as (first column, vectors): `widest` vectors
+// wide while they fit, then 2 and 1 (coutp is a whole number of vectors).
 std::vector<std::pair<int, int>> column_tiles(int coutp, int widest) {
-  std::vector<std::pair<int, int>> tiles;  // (first column, vectors)
-  for_column_tiles(coutp, widest, [&](int c0, int nv) { tiles.emplace_back(c0, nv); });
+  std::vector<std::pair<int, int>> tiles;
+  int c = 0;
+  for (int nv = widest; nv >= 1; nv /= 2)
+    for (; c + nv * kLanes <= coutp; c += nv * kLanes) tiles.emplace_back(c, nv);
   return tiles;
 }
 

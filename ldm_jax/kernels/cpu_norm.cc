@@ -57,11 +57,17 @@ int64_t chunk_positions(const NormShape& s) {
   return std::max<int64_t>(1, std::min<int64_t>(s.positions, (1 << 16) / std::max<int64_t>(1, s.c)));
 }
 
-// Calls fn(n, p0, p1) for every (sample, chunk of positions) item, in parallel.
+// Work items (chunks of positions) per sample; item i belongs to sample i / chunks_per_sample.
+int64_t chunks_per_sample(const NormShape& s) {
+  const int64_t chunk = chunk_positions(s);
+  return (s.positions + chunk - 1) / chunk;
+}
+
+// Calls fn(item, n, p0, p1) for every (sample n, positions p0 .. p1) work item, in parallel.
 template <typename Fn>
 void for_chunks(ffi::ThreadPool& pool, const NormShape& s, Fn fn) {
   const int64_t chunk = chunk_positions(s);
-  const int64_t chunks = (s.positions + chunk - 1) / chunk;
+  const int64_t chunks = chunks_per_sample(s);
   parallel_ranges(pool, s.n * chunks, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / chunks, p0 = item % chunks * chunk;
@@ -105,6 +111,32 @@ void channel_sums(const float* x, const float* dy, int64_t c, int64_t p0, int64_
   }
 }
 
+// out[k] = sample n's total over its work items of the per-item channel sums `from`
+// ([items][C]).
+void sample_totals(const NormShape& s, const std::vector<double>& from, int64_t n,
+                   std::vector<double>* out) {
+  const int64_t per_sample = chunks_per_sample(s);
+  std::fill(out->begin(), out->end(), 0.0);
+  for (int64_t i = n * per_sample; i < (n + 1) * per_sample; ++i)
+    for (int64_t k = 0; k < s.c; ++k) (*out)[k] += from[i * s.c + k];
+}
+
+// Per (sample, channel) from the per-(sample, group) statistics: the group's mean, and a, b
+// with h = x * a + b the normalised, scaled and shifted input. Both passes compute them the
+// same way, so the backward pass recomputes exactly the forward pass's h.
+void channel_coefficients(const NormShape& s, const float* mean, const float* rstd,
+                          const float* gamma, const float* beta, std::vector<float>* mean_c,
+                          std::vector<float>* a, std::vector<float>* b) {
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t k = 0; k < s.c; ++k) {
+      const int64_t g = n * s.groups + k / s.per_group;
+      (*mean_c)[n * s.c + k] = mean[g];
+      if (!rstd) continue;
+      (*a)[n * s.c + k] = rstd[g] * gamma[k];
+      (*b)[n * s.c + k] = beta[k] - mean[g] * rstd[g] * gamma[k];
+    }
+}
+
 // Loads a vector or a scalar of channel k from p.
 inline void get(const float* p, int64_t k, vf* v) { *v = load(p + k); }
 inline void get(const float* p, int64_t k, float* v) { *v = p[k]; }
@@ -126,18 +158,17 @@ ffi::Error GroupNormForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   float* yp = y->typed_data<float>();
   float* mean = mean_out->typed_data<float>();
   float* rstd = rstd_out->typed_data<float>();
-  const int64_t chunk = chunk_positions(s);
-  const int64_t items = s.n * ((s.positions + chunk - 1) / chunk);
+  const int64_t items = s.n * chunks_per_sample(s);
   const double count = static_cast<double>(s.positions) * s.per_group;
   std::vector<double> sums(items * s.c);
-  std::vector<float> mean_c(s.n * s.c);  // per (sample, channel): its group's mean
-
+  // y = act(x * a + b); mean_c: each channel's group mean.
+  std::vector<float> mean_c(s.n * s.c), a(s.n * s.c), b(s.n * s.c);
+  std::vector<double> channel_total(s.c);
   // [G] totals of sample n's per-item channel sums.
   auto group_totals = [&](int64_t n, const std::vector<double>& from, std::vector<double>& out) {
-    const int64_t per_sample = items / s.n;
+    sample_totals(s, from, n, &channel_total);
     std::fill(out.begin(), out.end(), 0.0);
-    for (int64_t i = n * per_sample; i < (n + 1) * per_sample; ++i)
-      for (int64_t k = 0; k < s.c; ++k) out[k / s.per_group] += from[i * s.c + k];
+    for (int64_t k = 0; k < s.c; ++k) out[k / s.per_group] += channel_total[k];
   };
   std::vector<double> sums2(fast_variance ? items * s.c : 0);
   // Pass 1: the per-channel sums (and sums of squares, for the fast variance).
@@ -153,8 +184,8 @@ ffi::Error GroupNormForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   for (int64_t n = 0; n < s.n; ++n) {
     group_totals(n, sums, total);
     for (int64_t g = 0; g < s.groups; ++g) mean[n * s.groups + g] = static_cast<float>(total[g] / count);
-    for (int64_t k = 0; k < s.c; ++k) mean_c[n * s.c + k] = mean[n * s.groups + k / s.per_group];
   }
+  channel_coefficients(s, mean, nullptr, gamma, beta, &mean_c, nullptr, nullptr);
   if (!fast_variance) {
     // Pass 2: E[(x - E[x])^2], exact for inputs far from zero mean.
     sums2.resize(items * s.c);
@@ -171,7 +202,6 @@ ffi::Error GroupNormForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
                    });
     });
   }
-  std::vector<float> a(s.n * s.c), b(s.n * s.c);  // y = act(x * a + b)
   for (int64_t n = 0; n < s.n; ++n) {
     group_totals(n, sums2, total2);
     for (int64_t g = 0; g < s.groups; ++g) {
@@ -179,12 +209,8 @@ ffi::Error GroupNormForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
       const double var = total2[g] / count - (fast_variance ? m * m : 0.0);
       rstd[n * s.groups + g] = static_cast<float>(1.0 / std::sqrt(std::max(var, 0.0) + epsilon));
     }
-    for (int64_t k = 0; k < s.c; ++k) {
-      const float r = rstd[n * s.groups + k / s.per_group];
-      a[n * s.c + k] = r * gamma[k];
-      b[n * s.c + k] = beta[k] - mean_c[n * s.c + k] * r * gamma[k];
-    }
   }
+  channel_coefficients(s, mean, rstd, gamma, beta, &mean_c, &a, &b);
   // Pass 3: the output.
   for_chunks(pool, s, [&](int64_t, int64_t n, int64_t p0, int64_t p1) {
     const float* an = a.data() + n * s.c;
@@ -222,15 +248,8 @@ ffi::Error GroupNormBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   const float* rstd = rstd_in.typed_data<float>();
   const float* gp = dy.typed_data<float>();
   float* dxp = dx->typed_data<float>();
-  // Per (sample, channel): the group's mean, and the pre-activation's a, b (h = x * a + b).
   std::vector<float> mean_c(s.n * s.c), a(s.n * s.c), b(s.n * s.c);
-  for (int64_t n = 0; n < s.n; ++n)
-    for (int64_t k = 0; k < s.c; ++k) {
-      const int64_t g = n * s.groups + k / s.per_group;
-      mean_c[n * s.c + k] = mean[g];
-      a[n * s.c + k] = rstd[g] * gamma[k];
-      b[n * s.c + k] = beta[k] - mean[g] * rstd[g] * gamma[k];
-    }
+  channel_coefficients(s, mean, rstd, gamma, beta, &mean_c, &a, &b);
   // dh = dy * silu'(h) = dy * sig * (1 + h * (1 - sig)), or dy; for vectors and scalars.
   auto dh_of = [silu](auto xv, auto gv, auto av, auto bv) {
     if (!silu) return gv;
@@ -238,9 +257,8 @@ ffi::Error GroupNormBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
     auto sig = sigmoid_of(h);
     return gv * (sig * (lit(h, 1.0f) + h * (lit(h, 1.0f) - sig)));
   };
-  const int64_t chunk = chunk_positions(s);
-  const int64_t per_sample = (s.positions + chunk - 1) / chunk;
-  std::vector<double> s1(s.n * per_sample * s.c), s2(s.n * per_sample * s.c);
+  const int64_t items = s.n * chunks_per_sample(s);
+  std::vector<double> s1(items * s.c), s2(items * s.c);
   // Pass 1: per channel, the sums of dh and of dh * (x - mean).
   for_chunks(pool, s, [&](int64_t item, int64_t n, int64_t p0, int64_t p1) {
     const float* an = a.data() + n * s.c;
@@ -265,13 +283,8 @@ ffi::Error GroupNormBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   std::vector<double> t1(s.c), t2(s.c), ds(s.c, 0.0), db(s.c, 0.0), g1(s.groups), g2(s.groups);
   const double count = static_cast<double>(s.positions) * s.per_group;
   for (int64_t n = 0; n < s.n; ++n) {
-    std::fill(t1.begin(), t1.end(), 0.0);
-    std::fill(t2.begin(), t2.end(), 0.0);
-    for (int64_t i = n * per_sample; i < (n + 1) * per_sample; ++i)
-      for (int64_t k = 0; k < s.c; ++k) {
-        t1[k] += s1[i * s.c + k];
-        t2[k] += s2[i * s.c + k];
-      }
+    sample_totals(s, s1, n, &t1);
+    sample_totals(s, s2, n, &t2);
     std::fill(g1.begin(), g1.end(), 0.0);
     std::fill(g2.begin(), g2.end(), 0.0);
     for (int64_t k = 0; k < s.c; ++k) {

@@ -94,10 +94,10 @@ def _cpu_kernel_fits(layer) -> bool:
 
 
 def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
-                        layer=None, dtype=jnp.float32, positions: Optional[int] = None) -> str:
-    """'xla', 'gemm' or 'cpu_fused' for this backend and a layer whose weight gradient
-    contracts over `rows` = N*Ho*Wo positions; `layer` = (kernel shape, strides, padding),
-    `positions` = Ho*Wo (per image; None: not planned).
+                        layer=None, dtype=jnp.float32) -> str:
+    """'xla', 'gemm', 'cpu_fused' or 'cpu_planned' for this backend and a layer whose weight
+    gradient contracts over `rows` = N*Ho*Wo positions; `layer` = (kernel shape, strides,
+    padding). Without `rows` and `layer` a layer is never planned.
 
     'auto' on CPU: 'cpu_planned' for stride-1 float32 layers where `cpu_plan` puts at least one
     part of the convolution in the kernel, on a single device (the kernel is a custom call,
@@ -117,9 +117,9 @@ def resolve_weight_grad(impl: Optional[str] = None, rows: Optional[int] = None,
     if impl == "auto":
         # Planned also where every part stays in XLA but the weights are large: the input
         # gradient then takes its flipped, transposed kernel from the C++ copy.
-        if (cpu and layer is not None and positions is not None and dtype == jnp.float32
+        if (cpu and layer is not None and rows is not None and dtype == jnp.float32
                 and _cpu_kernel_fits(layer)
-                and (any(cpu_plan(layer[0], rows if rows is not None else positions))
+                and (any(cpu_plan(layer[0], rows))
                      or cpu_conv.flips_in_kernel(layer[0]))
                 and kernel_build.single_cpu_device() and cpu_conv.available()):
             return "cpu_planned"
@@ -222,13 +222,14 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Tuple[int, int],
     ho = (x.shape[1] + sum(padding[0]) - kh) // sh + 1
     wo = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    impl = resolve_weight_grad(weight_grad, x.shape[0] * ho * wo,
-                               (tuple(w.shape), tuple(strides), padding), x.dtype, ho * wo)
+    rows = x.shape[0] * ho * wo
+    impl = resolve_weight_grad(weight_grad, rows, (tuple(w.shape), tuple(strides), padding),
+                               x.dtype)
     if impl == "cpu_fused":
         return cpu_conv.cpu_conv2d(x, w, padding)
     if impl == "cpu_planned":
         return conv_cpu_planned(x, w, cpu_conv.check(w.shape, padding),
-                                cpu_plan(w.shape, x.shape[0] * ho * wo))
+                                cpu_plan(w.shape, rows))
     if impl == "gemm":
         return conv_gemm_weight_grad(x, w, tuple(strides), tuple(map(tuple, padding)))
     return _xla_conv(x, w, tuple(strides), tuple(map(tuple, padding)))
