@@ -15,7 +15,6 @@ Not a test (lives in bench/).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -48,16 +47,8 @@ def main(argv=None):
 
     from ldm_jax.models.attention import attention
 
-    torch = None
-    if not a.no_torch:
-        import torch
-        torch.set_flush_denormal(True)
-
-    load0 = os.getloadavg()
+    torch, load0 = common.kernel_bench_start(a.no_torch)
     rows = []
-    print(f"# jax {jax.__version__} backend {jax.default_backend()}; torch "
-          f"{torch.__version__ if torch else '-'}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
-          f"; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
     print("| shape | row | fwd ms | fwd+grad ms | fwd+grad GFLOP/s |")
     print("|---|---|---:|---:|---:|")
     for shape in a.shapes.split(","):
@@ -106,11 +97,7 @@ def main(argv=None):
             if r["shape"] == shape:
                 print(f"| {shape} | {r['row']} | {r['fwd_ms']:.2f} | {r['fwd_grad_ms']:.2f} | "
                       f"{flops / r['fwd_grad_ms'] / 1e6:.1f} |", flush=True)
-    load1 = os.getloadavg()
-    print(f"# load average after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(dict(load_before=load0, load_after=load1, rows=rows), fh, indent=1)
+    common.kernel_bench_finish(load0, rows, a.json)
 
 
 if __name__ == "__main__":

@@ -433,6 +433,33 @@ def write_json(path: str, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+# ------------------------------------------------- one-layer kernel microbenchmarks
+def kernel_bench_start(no_torch: bool):
+    """The start of conv_kernels.py, attention_kernels.py and norm_kernels.py: torch (None with
+    --no_torch) with denormals flushed, as XLA:CPU does, and their header line (versions,
+    OMP_WAIT_POLICY, load average). Returns (torch, the load average before)."""
+    import jax
+    torch = None
+    if not no_torch:
+        import torch
+        torch.set_flush_denormal(True)
+    load0 = os.getloadavg()
+    print(f"# jax {jax.__version__} backend {jax.default_backend()}; torch "
+          f"{torch.__version__ if torch else '-'}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
+          f"; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
+    return torch, load0
+
+
+def kernel_bench_finish(load0, rows: list, json_path: str) -> None:
+    """Their end: the load-average line, and the rows as JSON when --json names a file."""
+    load1 = os.getloadavg()
+    print(f"# load average after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(dict(load_before=load0, load_after=load1, rows=rows), fh, indent=1)
+
+
 # ------------------------------------------------------------------------------ torch
 def import_torch(a):
     """torch, with OMP_WAIT_POLICY set before the first import (it is read once) and denormal

@@ -16,7 +16,6 @@ A shape is NxHxWxC. Not a test (lives in bench/).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -31,6 +30,24 @@ IMPLS = ("flax", "xla", "cpu_fused")
 GROUPS, EPS = 32, 1e-5
 
 
+def parse_shapes(text: str) -> list:
+    """--shapes as [(n, h, w, c)], each NxHxWxC with C a multiple of the 32 groups; otherwise
+    exits 2 naming the bad item."""
+    shapes = []
+    for item in common.comma_list(text):
+        parts = item.split("x")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            common.usage_error(f"--shapes item {item!r}: use NxHxWxC, e.g. 4x64x64x128")
+        n, h, w, c = (int(p) for p in parts)
+        if c % GROUPS:
+            common.usage_error(f"--shapes item {item!r}: C={c} is not a multiple of the "
+                               f"{GROUPS} groups")
+        shapes.append((n, h, w, c))
+    if not shapes:
+        common.usage_error("--shapes is empty; e.g. 4x64x64x128")
+    return shapes
+
+
 def main(argv=None):
     from ldm_jax.cli import host_memory
     host_memory.maybe_reexec()  # the malloc settings ldm_jax's commands use on CPU
@@ -43,6 +60,7 @@ def main(argv=None):
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     a = p.parse_args(argv)
     impls = common.checked_list("--impls", a.impls, IMPLS)
+    shapes = parse_shapes(a.shapes)
 
     import flax.linen as nn
     import jax
@@ -58,20 +76,12 @@ def main(argv=None):
                 module.apply({"params": {"scale": s, "bias": b}}, x))
         return lambda x, s, b: group_norm(x, s, b, GROUPS, EPS, True, "silu", impl)
 
-    torch = None
-    if not a.no_torch:
-        import torch
-        torch.set_flush_denormal(True)
-
-    load0 = os.getloadavg()
+    torch, load0 = common.kernel_bench_start(a.no_torch)
     rows = []
-    print(f"# jax {jax.__version__} backend {jax.default_backend()}; torch "
-          f"{torch.__version__ if torch else '-'}; load average {load0[0]:.2f} {load0[1]:.2f} "
-          f"{load0[2]:.2f}", flush=True)
     print("| shape (NxHxWxC) | row | fwd ms | fwd+grad ms | fwd GB/s (x in, y out) |")
     print("|---|---|---:|---:|---:|")
-    for shape in a.shapes.split(","):
-        n, h, w, c = (int(v) for v in shape.split("x"))
+    for n, h, w, c in shapes:
+        shape = f"{n}x{h}x{w}x{c}"
         rng = np.random.default_rng(0)
         xn = rng.standard_normal((n, h, w, c), dtype=np.float32)
         gn = rng.standard_normal((n, h, w, c), dtype=np.float32)
@@ -109,11 +119,7 @@ def main(argv=None):
                 gbs = 2 * xn.nbytes / r["fwd_ms"] / 1e6
                 print(f"| {shape} | {r['row']} | {r['fwd_ms']:.2f} | {r['fwd_grad_ms']:.2f} | "
                       f"{gbs:.1f} |", flush=True)
-    load1 = os.getloadavg()
-    print(f"# load average after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(dict(load_before=load0, load_after=load1, rows=rows), fh, indent=1)
+    common.kernel_bench_finish(load0, rows, a.json)
 
 
 if __name__ == "__main__":
