@@ -68,9 +68,8 @@ def main(argv=None):
         q, k, v, g = (jnp.asarray(t) for t in (qn, kn, vn, gn))
         for impl in a.impls.split(","):
             f = jax.jit(lambda q, k, v, impl=impl: attention(q, k, v, implementation=impl))
-            fg = jax.jit(lambda q, k, v, g, impl=impl: jax.grad(
-                lambda q, k, v: jnp.sum(attention(q, k, v, implementation=impl) * g),
-                (0, 1, 2))(q, k, v))
+            fg = common.forward_and_grads(
+                lambda q, k, v, impl=impl: attention(q, k, v, implementation=impl))
             t_f = common.min_ms(lambda: jax.block_until_ready(f(q, k, v)), a.reps)
             t_fg = common.min_ms(lambda: jax.block_until_ready(fg(q, k, v, g)), a.reps)
             rows.append(dict(shape=shape, row=f"jax {impl}", fwd_ms=t_f, fwd_grad_ms=t_fg))

@@ -434,6 +434,20 @@ def write_json(path: str, payload: dict) -> None:
 
 
 # ------------------------------------------------- one-layer kernel microbenchmarks
+def forward_and_grads(fn):
+    """jit of (*args, cotangent) -> (fn(*args), *d<args>): the forward output and every
+    argument's gradient for that output cotangent, as torch's `y = f(x); y.backward(g)` leaves
+    them. (A `jax.grad` of sum(fn(*args) * g) would let XLA drop the forward pass where the
+    gradients do not need its output, as for a convolution.)"""
+    import jax
+
+    def run(*args_and_cotangent):
+        *args, g = args_and_cotangent
+        y, vjp = jax.vjp(fn, *args)
+        return (y,) + tuple(vjp(g))
+    return jax.jit(run)
+
+
 def kernel_bench_start(no_torch: bool):
     """The start of conv_kernels.py, attention_kernels.py and norm_kernels.py: torch (None with
     --no_torch) with denormals flushed, as XLA:CPU does, and their header line (versions,

@@ -73,8 +73,7 @@ def main(argv=None):
         pad = ((1, 1), (1, 1))
         for impl in a.impls.split(","):
             f = jax.jit(lambda x, w, impl=impl: conv2d(x, w, (1, 1), pad, impl))
-            fg = jax.jit(lambda x, w, g, impl=impl: jax.grad(
-                lambda x, w: jnp.sum(conv2d(x, w, (1, 1), pad, impl) * g), (0, 1))(x, w))
+            fg = common.forward_and_grads(lambda x, w, impl=impl: conv2d(x, w, (1, 1), pad, impl))
             t_f = common.min_ms(lambda: jax.block_until_ready(f(x, wt)), a.reps)
             t_fg = common.min_ms(lambda: jax.block_until_ready(fg(x, wt, g)), a.reps)
             rows.append(dict(shape=shape, row=f"jax {impl}", fwd_ms=t_f, fwd_grad_ms=t_fg))

@@ -90,9 +90,9 @@ def main(argv=None):
         for impl in impls:
             fn = layer(impl)
             f = jax.jit(fn)
-            fg = jax.jit(jax.grad(lambda x, s, b, fn=fn: jnp.sum(fn(x, s, b) * g), (0, 1, 2)))
+            fg = common.forward_and_grads(fn)
             t_f = common.min_ms(lambda: jax.block_until_ready(f(x, scale, bias)), a.reps)
-            t_fg = common.min_ms(lambda: jax.block_until_ready(fg(x, scale, bias)), a.reps)
+            t_fg = common.min_ms(lambda: jax.block_until_ready(fg(x, scale, bias, g)), a.reps)
             rows.append(dict(shape=shape, row=f"jax {impl}", fwd_ms=t_f, fwd_grad_ms=t_fg))
         if torch is not None:
             for threads in (int(t) for t in a.torch_threads.split(",")):

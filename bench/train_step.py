@@ -4,7 +4,7 @@
   ldm_jax task    the real DiffusionTask.train_step (eps-MSE loss, AdamW, EMA, grad norm, finite
                   check) on synthetic latents, jitted as ldm_jax/training/trainer.py does it
                   (state donated, compiled ahead of time)
-  ldm_jax model   UNet + the same eps-MSE loss + the task's AdamW only (no EMA/grad norm),
+  ldm_jax model   UNet + the same eps-MSE loss + the task's AdamW step only (no EMA),
                   params and optimiser state donated, AOT compiled: the like-for-like row
   torch <mode> <N>T  diffusers UNet2DModel configured by ldm_jax.convert.unet_diffusers_config
                   (the same architecture: parameter counts are asserted equal), same loss,
@@ -104,7 +104,7 @@ def jax_unet_rows(a, config):
     if not a.skip_model_row:
         common.log("stage 2: ldm_jax model step")
         params = jax.tree_util.tree_map(jnp.copy, state.params["model"])
-        opt_state = task.tx.init(params)
+        opt_state = task.optimizer.init(params)
         T = task.schedule.num_timesteps
 
         def loss_fn(p, z0, key):
@@ -118,8 +118,8 @@ def jax_unet_rows(a, config):
         def step(st, z0, key):
             p, s = st
             loss, g = jax.value_and_grad(loss_fn)(p, z0, key)
-            upd, s = task.tx.update(g, s, p)
-            return (jax.tree_util.tree_map(lambda a_, u: a_ + u, p, upd), s), loss
+            p, s, _, _ = task.optimizer.step(p, s, g)  # the task's optimiser, without the EMA
+            return (p, s), loss
 
         z0 = jnp.asarray(batch[task.input_key])
         compiled, lower_s, comp_s = common.aot_compile(step, ((params, opt_state), z0,

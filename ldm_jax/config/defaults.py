@@ -160,6 +160,10 @@ def autoencoder_config(*, kind: str, ch_mult, z_channels: int, embed_dim: int,
     o.schedule = "constant"  # 'constant' or 'cosine' (decays to 0 at total_steps).
     o.grad_clip_norm = 0.0  # 0 disables clipping.
     o.disc_lr_mult = 1.0  # discriminator learning rate = generator learning rate x this.
+    # 'auto' | 'xla' | 'cpu_fused': Adam's step (with the EMA and the gradient norm) as optax in
+    # XLA or as one pass of ldm_jax's CPU kernel; 'auto' takes the kernel on one CPU device
+    # (ldm_jax/training/optimizer.py). Same state and arithmetic either way.
+    o.impl = "auto"
 
     l = c.loss = ml_collections.ConfigDict()
     l.pixel_weight = 1.0
@@ -391,6 +395,7 @@ def diffusion_config(*, first_stage_kind: str, model_channels: int, channel_mult
     o.schedule = "constant"
     o.grad_clip_norm = 0.0
     o.disc_lr_mult = 1.0  # unused in stage 2 (kept so every stage shares the optimizer fields).
+    o.impl = "auto"  # 'auto' | 'xla' | 'cpu_fused', as the first stage's (see there).
 
     c.loss = ml_collections.ConfigDict()  # stage 2's loss lives in `diffusion`; kept for tools.
     return c

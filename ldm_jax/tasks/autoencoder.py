@@ -22,8 +22,8 @@ from ldm_jax.tasks import autoencoder_loss as losses
 from ldm_jax.evaluation import image_metrics as metrics
 from ldm_jax.models import autoencoder as ae_models
 from ldm_jax.models.discriminator import NLayerDiscriminator
-from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
-                                 global_norm, make_optimizer)
+from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.training.train_state import TrainState, all_finite, compute_dtype
 
 
 def resolve_config(config):
@@ -59,9 +59,10 @@ class AutoencoderTask:
         self.disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
                                         norm=config.loss.disc_norm)
         self.lpips_params = self._load_lpips(config)
-        self.gen_tx, self.gen_lr = make_optimizer(
+        self.gen_opt = make_optimizer(
             config.optimizer, global_batch_size=config.batch_size, total_steps=config.total_steps)
-        self.disc_tx, _ = make_optimizer(
+        self.gen_lr = self.gen_opt.schedule
+        self.disc_opt = make_optimizer(
             config.optimizer, global_batch_size=config.batch_size, total_steps=config.total_steps,
             multiplier=config.optimizer.disc_lr_mult)
 
@@ -100,7 +101,7 @@ class AutoencoderTask:
         gen = {"model": variables["params"],
                "logvar": jnp.asarray(self.config.loss.logvar_init, jnp.float32)}
         params = {"generator": gen, "discriminator": disc_params}
-        opt_state = {"generator": self.gen_tx.init(gen), "discriminator": self.disc_tx.init(disc_params)}
+        opt_state = {"generator": self.gen_opt.init(gen), "discriminator": self.disc_opt.init(disc_params)}
         return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt_state,
                           ema_params=None, rng=jax.random.key_data(k_state))
 
@@ -183,16 +184,15 @@ class AutoencoderTask:
         gen, disc = state.params["generator"], state.params["discriminator"]
         (loss, (aux, recon)), gen_grads = jax.value_and_grad(self._generator_loss, has_aux=True)(
             gen, disc, constants, x, rng, phase)
-        new_gen, gen_opt = apply_gradients(self.gen_tx, gen, state.opt_state["generator"], gen_grads)
-        grad_norm = global_norm(gen_grads)
+        new_gen, gen_opt, _, grad_norm = self.gen_opt.step(gen, state.opt_state["generator"],
+                                                           gen_grads)
         metrics_out = dict(aux, loss=loss, grad_norm=grad_norm, lr=self.gen_lr(state.step))
         finite = all_finite(loss, grad_norm)
         new_disc, disc_opt = disc, state.opt_state["discriminator"]
         if phase == "gan":
             (d_loss, d_aux), d_grads = jax.value_and_grad(self._disc_loss, has_aux=True)(
                 disc, x, jax.lax.stop_gradient(recon))
-            new_disc, disc_opt = apply_gradients(self.disc_tx, disc, disc_opt, d_grads)
-            d_norm = global_norm(d_grads)
+            new_disc, disc_opt, _, d_norm = self.disc_opt.step(disc, disc_opt, d_grads)
             metrics_out.update(d_aux, d_loss=d_loss, d_grad_norm=d_norm)
             finite = finite & all_finite(d_loss, d_norm)
         metrics_out["finite"] = finite.astype(jnp.float32)

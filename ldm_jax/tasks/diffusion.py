@@ -28,8 +28,8 @@ from ldm_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATION
 from ldm_jax.models.attention import NORM_GROUPS, resolve_heads
 from ldm_jax.models.remat import check_remat
 from ldm_jax.models.unet import UNetModel
-from ldm_jax.training.train_state import (TrainState, all_finite, apply_gradients, compute_dtype,
-                                 global_norm, make_optimizer)
+from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.training.train_state import TrainState, all_finite, compute_dtype
 
 
 def check_unet_config(model_cfg) -> None:
@@ -320,8 +320,9 @@ class DiffusionTask:
         gamma = config.diffusion.min_snr_gamma or None
         self.loss_fn = diffusion_losses.make_diffusion_loss(
             self.schedule, config.diffusion.parameterization, config.diffusion.loss_type, gamma)
-        self.tx, self.lr = make_optimizer(config.optimizer, global_batch_size=config.batch_size,
-                                          total_steps=config.total_steps)
+        self.optimizer = make_optimizer(config.optimizer, global_batch_size=config.batch_size,
+                                        total_steps=config.total_steps)
+        self.lr = self.optimizer.schedule
         kind = config.conditioning.kind
         self.class_conditional = kind in ("class", "class_crossattn") or (
             kind == "hybrid" and config.conditioning.context_kind == "class_crossattn")
@@ -362,7 +363,7 @@ class DiffusionTask:
         if cond_params is not None:
             params = {**params, encoders.COND_STAGE_KEY: cond_params}
         return TrainState(step=jnp.asarray(0, jnp.int32), params={"model": params},
-                          opt_state={"model": self.tx.init(params)}, ema_params=params,
+                          opt_state={"model": self.optimizer.init(params)}, ema_params=params,
                           rng=jax.random.key_data(k_state))
 
     # ----------------------------------------------------------------------------- data
@@ -412,11 +413,10 @@ class DiffusionTask:
             return self.loss_fn(apply, params, z0, k_loss, unet_kwargs)
 
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params["model"])
-        params, opt_state = apply_gradients(self.tx, state.params["model"],
-                                            state.opt_state["model"], grads)
         decay = ema_lib.ema_decay(state.step, self.config.ema.decay, self.config.ema.use_warmup)
-        ema_params = ema_lib.ema_update(state.ema_params, params, decay)
-        grad_norm = global_norm(grads)
+        # Adam, the EMA and the gradient norm in one step (one pass over memory on CPU).
+        params, opt_state, ema_params, grad_norm = self.optimizer.step(
+            state.params["model"], state.opt_state["model"], grads, state.ema_params, decay)
         metrics = {"loss": value, "grad_norm": grad_norm, "lr": self.lr(state.step),
                    "ema_decay": decay, "finite": all_finite(value, grad_norm).astype(jnp.float32)}
         new_state = state.replace(step=state.step + 1, params={"model": params},
