@@ -110,6 +110,8 @@ def _kind(name: str, op_name: str, kinds: set) -> str:
         target = next(t for t in targets if t.startswith("ldm_jax_"))
         if target == "ldm_jax_flip_transpose":
             return "ldm_jax kernel: conv flipped weights"
+        if target == "ldm_jax_adam_update":
+            return "ldm_jax kernel: optimizer (Adam + EMA + grad norm)"
         what = next((w for w in ("attention", "group_norm") if w in target), "conv")
         part = "forward" if target.endswith(("forward", "forward_packed")) else "backward"
         return f"ldm_jax kernel: {what.replace('_', ' ')} {part}"

@@ -27,8 +27,9 @@ autocast to --dtype over float32 weights, one row per mode; the peak is an 8192^
 
 Usage: python bench/train_step.py [--width 64] [--batch 4] [--size 64] [--channels 3]
   [--ae_ch 64] [--ae_size 64] [--ae_batch 4] [--parts unet,ae] [--torch_modes eager,eager_cl,
-  compile] [--torch_threads 1,2] [--steps 5] [--warmup 2] [--peak_gflops 0 (measure)] [--conv_impl X]
-  [--omp_wait_policy passive] [--json out.json] [--flops_only]
+  compile] [--torch_optimizer default|foreach|fused] [--torch_threads 1,2] [--steps 5]
+  [--warmup 2] [--peak_gflops 0 (measure)] [--conv_impl X] [--omp_wait_policy passive]
+  [--json out.json] [--flops_only]
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def parse_args(argv=None):
                         "compile, no step, no torch")
     p.add_argument("--torch_modes", default="eager,eager_cl,compile",
                    help="comma list of eager, eager_cl (channels_last), compile")
+    p.add_argument("--torch_optimizer", choices=("default", "foreach", "fused"),
+                   default="default",
+                   help="torch's Adam/AdamW implementation: default (what the reference "
+                        "training code gets: torch.optim.AdamW(params, lr), a per-parameter "
+                        "loop on CPU), foreach, or fused (one kernel per step; the counterpart "
+                        "of ldm_jax's optimizer.impl='cpu_fused')")
     common.add_common_args(p, steps=5, warmup=2)
     return p.parse_args(argv)
 
@@ -189,7 +196,7 @@ def torch_unet_rows(a, torch, task_cfg, z0_nhwc, flops, n_params_jax):
             unet = unet.to(memory_format=torch.channels_last)
             x0 = x0.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(o.b1, o.b2), eps=o.eps,
-                                weight_decay=o.weight_decay)
+                                weight_decay=o.weight_decay, **_torch_opt_kwargs(a))
         fwd = unet
         if mode == "compile":
             fwd, reason = common.torch_compile(unet, torch)
@@ -212,8 +219,16 @@ def torch_unet_rows(a, torch, task_cfg, z0_nhwc, flops, n_params_jax):
     return rows
 
 
+def _torch_opt_kwargs(a) -> dict:
+    """torch.optim.Adam/AdamW keyword arguments for --torch_optimizer."""
+    return {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[
+        getattr(a, "torch_optimizer", "default")]
+
+
 def _torch_timed(a, name, run, n_params, batch, flops):
     import torch
+    if getattr(a, "torch_optimizer", "default") != "default":
+        name = f"{name} {a.torch_optimizer} Adam"
     sync = common.torch_sync(torch, a.torch_device)
     step = run
 
@@ -355,9 +370,9 @@ def torch_ae_rows(a, torch, cfg, x_nhwc, flops, counts_jax):
             x = x.contiguous(memory_format=torch.channels_last)
         logvar = nn.Parameter(torch.tensor(float(l.logvar_init), device=dev))
         opt_g = torch.optim.Adam(list(vae.parameters()) + [logvar], lr=lr, betas=(o.b1, o.b2),
-                                 eps=o.eps)
+                                 eps=o.eps, **_torch_opt_kwargs(a))
         opt_d = torch.optim.Adam(disc.parameters(), lr=lr * o.disc_lr_mult,
-                                 betas=(o.b1, o.b2), eps=o.eps)
+                                 betas=(o.b1, o.b2), eps=o.eps, **_torch_opt_kwargs(a))
 
         class AE(nn.Module):  # encode -> sample -> decode as one module (compilable)
             def __init__(self, vae):

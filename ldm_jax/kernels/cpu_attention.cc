@@ -179,7 +179,7 @@ void forward(ffi::ThreadPool& pool, const Shape& s, View<const float> q, View<co
              View<const float> v, float scale, View<float> out, float* lse) {
   const int blocks = (s.lq + s.block - 1) / s.block;
   parallel_ranges(pool, s.groups * blocks, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(static_cast<size_t>(s.dp) * s.lkp),
+    AlignedFloats kt(static_cast<size_t>(s.dp) * s.lkp),
         vpad(static_cast<size_t>(s.lkp) * s.dvp), qs(static_cast<size_t>(s.block) * s.dp),
         p(static_cast<size_t>(s.block) * s.lkp), o(static_cast<size_t>(s.block) * s.dvp),
         maxes(s.block), sums(s.block);
@@ -219,10 +219,10 @@ void backward(ffi::ThreadPool& pool, const Shape& s, View<const float> q, View<c
   const int parts = static_cast<int>(
       std::min<int64_t>(blocks, std::max<int64_t>(1, threads / std::max<int64_t>(1, s.groups))));
   const size_t kv_size = static_cast<size_t>(s.lkp) * std::max(s.dp, s.dvp);
-  std::vector<float> partial_dk(static_cast<size_t>(s.groups) * parts * kv_size);
-  std::vector<float> partial_dv(static_cast<size_t>(s.groups) * parts * kv_size);
+  AlignedFloats partial_dk(static_cast<size_t>(s.groups) * parts * kv_size);
+  AlignedFloats partial_dv(static_cast<size_t>(s.groups) * parts * kv_size);
   parallel_ranges(pool, s.groups * parts, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(static_cast<size_t>(s.dp) * s.lkp),
+    AlignedFloats kt(static_cast<size_t>(s.dp) * s.lkp),
         kpad(static_cast<size_t>(s.lkp) * s.dp), vt(static_cast<size_t>(s.dvp) * s.lkp),
         qs(static_cast<size_t>(s.block) * s.dp), dos(static_cast<size_t>(s.block) * s.dvp),
         p(static_cast<size_t>(s.block) * s.lkp), dp(static_cast<size_t>(s.block) * s.lkp),

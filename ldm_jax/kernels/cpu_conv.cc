@@ -238,7 +238,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   const auto col_tiles = column_tiles(s.coutp, kForwardWidest);
   // Weights tile-major: for each column tile, [taps * cin, tile width] contiguous, so the
   // microkernel streams them in order (packed in parallel: 9.4 MB of them took 1 ms).
-  std::vector<float> wpack(depth * s.coutp);
+  AlignedFloats wpack(depth * s.coutp);
   parallel_ranges(pool, col_tiles.size(), [&](int64_t t0, int64_t t1) {
     for (int64_t ti = t0; ti < t1; ++ti) {
       const auto [c0, nv] = col_tiles[ti];
@@ -276,8 +276,8 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 
   // Blocks [b0, b1) x column tiles [t0, t1) of the output.
   auto work = [&](int64_t b0, int64_t b1, int64_t t0, int64_t t1) {
-    std::vector<float> buf(bl.images * image_buf);
-    std::vector<float> out(static_cast<size_t>(bl.images) * bl.rows * s.wo * s.coutp);
+    AlignedFloats buf(bl.images * image_buf);
+    AlignedFloats out(static_cast<size_t>(bl.images) * bl.rows * s.wo * s.coutp);
     for (int64_t block = b0; block < b1; ++block) {
       int64_t n0;
       int nimg, ho0, nrows;
@@ -355,8 +355,8 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
 
   // Blocks [b0, b1) x column tiles [t0, t1) into `acc` ([taps][cinp][coutp]).
   auto work = [&](int64_t b0, int64_t b1, size_t t0, size_t t1, float* acc) {
-    std::vector<float> planes(groups * plane, 0.0f);
-    std::vector<float> grad(static_cast<size_t>(bl.images) * bl.rows * s.wo * s.coutp, 0.0f);
+    AlignedFloats planes(groups * plane, 0.0f);
+    AlignedFloats grad(static_cast<size_t>(bl.images) * bl.rows * s.wo * s.coutp, 0.0f);
     for (int64_t block = b0; block < b1; ++block) {
       int64_t n0;
       int nimg, ho0, nrows;
@@ -450,10 +450,10 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
     });
     return ffi::Error::Success();
   }
-  std::vector<float> total(taps * tap_size, 0.0f);
+  AlignedFloats total(taps * tap_size, 0.0f);
   std::mutex total_mutex;
   parallel_ranges(pool, bl.blocks, [&](int64_t b0, int64_t b1) {
-    std::vector<float> partial(taps * tap_size, 0.0f);
+    AlignedFloats partial(taps * tap_size, 0.0f);
     work(b0, b1, 0, col_tiles.size(), partial.data());
     std::lock_guard<std::mutex> lock(total_mutex);
     for (size_t i = 0; i < total.size(); ++i) total[i] += partial[i];

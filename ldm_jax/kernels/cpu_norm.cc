@@ -83,7 +83,7 @@ template <typename Fn>
 void channel_sums(const float* x, const float* dy, int64_t c, int64_t p0, int64_t p1,
                   double* acc1, double* acc2, Fn fn) {
   // float partial sums over at most 256 rows, then into double: exact enough for any size.
-  std::vector<float> part1(c), part2(c);
+  AlignedFloats part1(c), part2(c);
   for (int64_t r0 = p0; r0 < p1; r0 += 256) {
     std::fill(part1.begin(), part1.end(), 0.0f);
     std::fill(part2.begin(), part2.end(), 0.0f);
@@ -125,8 +125,8 @@ void sample_totals(const NormShape& s, const std::vector<double>& from, int64_t 
 // with h = x * a + b the normalised, scaled and shifted input. Both passes compute them the
 // same way, so the backward pass recomputes exactly the forward pass's h.
 void channel_coefficients(const NormShape& s, const float* mean, const float* rstd,
-                          const float* gamma, const float* beta, std::vector<float>* mean_c,
-                          std::vector<float>* a, std::vector<float>* b) {
+                          const float* gamma, const float* beta, AlignedFloats* mean_c,
+                          AlignedFloats* a, AlignedFloats* b) {
   for (int64_t n = 0; n < s.n; ++n)
     for (int64_t k = 0; k < s.c; ++k) {
       const int64_t g = n * s.groups + k / s.per_group;
@@ -162,7 +162,7 @@ ffi::Error GroupNormForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   const double count = static_cast<double>(s.positions) * s.per_group;
   std::vector<double> sums(items * s.c);
   // y = act(x * a + b); mean_c: each channel's group mean.
-  std::vector<float> mean_c(s.n * s.c), a(s.n * s.c), b(s.n * s.c);
+  AlignedFloats mean_c(s.n * s.c), a(s.n * s.c), b(s.n * s.c);
   std::vector<double> channel_total(s.c);
   // [G] totals of sample n's per-item channel sums.
   auto group_totals = [&](int64_t n, const std::vector<double>& from, std::vector<double>& out) {
@@ -248,7 +248,7 @@ ffi::Error GroupNormBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   const float* rstd = rstd_in.typed_data<float>();
   const float* gp = dy.typed_data<float>();
   float* dxp = dx->typed_data<float>();
-  std::vector<float> mean_c(s.n * s.c), a(s.n * s.c), b(s.n * s.c);
+  AlignedFloats mean_c(s.n * s.c), a(s.n * s.c), b(s.n * s.c);
   channel_coefficients(s, mean, rstd, gamma, beta, &mean_c, &a, &b);
   // dh = dy * silu'(h) = dy * sig * (1 + h * (1 - sig)), or dy; for vectors and scalars.
   auto dh_of = [silu](auto xv, auto gv, auto av, auto bv) {
@@ -279,7 +279,7 @@ ffi::Error GroupNormBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
                  });
   });
   // Per (sample, channel) coefficients: dx = dh * A + (x - mean) * B + C.
-  std::vector<float> ca(s.n * s.c), cb(s.n * s.c), cc(s.n * s.c);
+  AlignedFloats ca(s.n * s.c), cb(s.n * s.c), cc(s.n * s.c);
   std::vector<double> t1(s.c), t2(s.c), ds(s.c, 0.0), db(s.c, 0.0), g1(s.groups), g2(s.groups);
   const double count = static_cast<double>(s.positions) * s.per_group;
   for (int64_t n = 0; n < s.n; ++n) {

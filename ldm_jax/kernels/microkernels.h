@@ -9,7 +9,9 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -50,6 +52,27 @@ inline vf vexp(vf x) {
 }
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// std::vector storage on 64-byte (cache-line) boundaries. A plain std::vector<float> from
+// glibc's malloc starts 16 bytes past a boundary, so every 16-float vector load or store of a
+// buffer laid out in whole vectors (packed weights, output tiles, gradient panels) straddled two
+// cache lines.
+template <typename T>
+struct CacheAligned {
+  using value_type = T;
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheAligned<U>&) const { return false; }
+};
+using AlignedFloats = std::vector<float, CacheAligned<float>>;
 
 // C[r][c] (=|+=) sum_k A[r][k] * B[k][c] for r < R, c < NV * 16: A rows strided by lda,
 // B rows by ldb (B is read a row of NV vectors at a time), C rows by ldc.
