@@ -24,6 +24,7 @@ from ldm_jax.kernels import build as kernel_build
 from ldm_jax.kernels import cpu_attention
 from ldm_jax.models.chunked_attention import chunked_attention
 from ldm_jax.models.conv import Conv
+from ldm_jax.models.dense import Dense
 from ldm_jax.models.group_norm import GroupNorm
 
 Dtype = Any
@@ -216,13 +217,15 @@ class SelfAttentionBlock(nn.Module):
             heads, dim_head = resolve_heads(c, num_heads=self.num_heads)
         x = x.astype(self.dtype)
         h = group_norm(x, "norm")
-        qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=torch_default_init, name="qkv")(h)
+        # ldm_jax's Dense: flax's, with the weight gradient in the CPU kernel (no transposes
+        # of the [positions, channels] gradients; ldm_jax/models/dense.py).
+        qkv = Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=torch_default_init, name="qkv")(h)
         out = packed_self_attention(qkv.reshape(b, hgt * wid, heads, 3 * dim_head),
                                     implementation=self.attention_impl)
         out = out.reshape(b, hgt, wid, c)
-        out = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros_init,
-                       name="proj_out")(out)
+        out = Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros_init,
+                    name="proj_out")(out)
         return x + out
 
 
@@ -248,15 +251,15 @@ class CrossAttention(nn.Module):
         inner = self.heads * self.dim_head
 
         def proj(name, inp):
-            return nn.Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                            kernel_init=torch_default_init, name=name)(inp)
+            return Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                         kernel_init=torch_default_init, name=name)(inp)
 
         q, k, v = proj("to_q", x), proj("to_k", ctx), proj("to_v", ctx)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
         out = attention(split(q), split(k), split(v), implementation=self.attention_impl)
         out = out.reshape(x.shape[0], x.shape[1], inner)
-        out = nn.Dense(self.query_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=torch_default_init, name="to_out")(out)
+        out = Dense(self.query_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=torch_default_init, name="to_out")(out)
         return nn.Dropout(self.dropout)(out, deterministic=not train)
 
 
@@ -274,14 +277,14 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         inner = self.dim * self.mult
-        h = nn.Dense(2 * inner, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=torch_default_init, name="proj")(x)
+        h = Dense(2 * inner, dtype=self.dtype, param_dtype=jnp.float32,
+                  kernel_init=torch_default_init, name="proj")(x)
         a, gate = jnp.split(h, 2, axis=-1)
         # Exact (erf) GELU, as torch.nn.functional.gelu, not the tanh approximation.
         h = a * nn.gelu(gate, approximate=False)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=torch_default_init, name="out")(h)
+        return Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=torch_default_init, name="out")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -338,8 +341,8 @@ class SpatialTransformer(nn.Module):
         # both the LDM (conv) and SD 2.x (linear) checkpoints have a matching kernel shape.
         if self.use_linear:
             h = h.reshape(b, hgt * wid, c)
-            h = nn.Dense(inner, dtype=self.dtype, param_dtype=jnp.float32,
-                         kernel_init=torch_default_init, name="proj_in")(h)
+            h = Dense(inner, dtype=self.dtype, param_dtype=jnp.float32,
+                      kernel_init=torch_default_init, name="proj_in")(h)
         else:
             h = Conv(inner, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=torch_default_init, name="proj_in")(h)
@@ -350,16 +353,16 @@ class SpatialTransformer(nn.Module):
             # only through their zero padding. Not in the reference models (their checkpoints
             # have no `pos_proj`; it is off by default).
             pos = fourier_position_features(hgt, wid, self.position_frequencies)
-            h = h + nn.Dense(inner, dtype=self.dtype, param_dtype=jnp.float32,
-                             kernel_init=torch_default_init, name="pos_proj")(
-                                 pos.astype(self.dtype))[None]
+            h = h + Dense(inner, dtype=self.dtype, param_dtype=jnp.float32,
+                          kernel_init=torch_default_init, name="pos_proj")(
+                              pos.astype(self.dtype))[None]
         for i in range(self.depth):
             h = BasicTransformerBlock(inner, self.n_heads, self.d_head, self.dropout,
                                       self.attention_impl, self.dtype,
                                       name=f"transformer_blocks_{i}")(h, context, train)
         if self.use_linear:
-            h = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros_init,
-                         name="proj_out")(h)
+            h = Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros_init,
+                      name="proj_out")(h)
             h = h.reshape(b, hgt, wid, c)
         else:
             h = h.reshape(b, hgt, wid, inner)
