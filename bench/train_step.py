@@ -180,7 +180,7 @@ def torch_unet_rows(a, torch, task_cfg, z0_nhwc, flops, n_params_jax):
     s1ma = torch.tensor(np.sqrt(1.0 - abar), dtype=torch.float32, device=dev)
     lr = o.base_learning_rate * (task_cfg.batch_size if o.scale_lr_by_batch else 1)
     rows = []
-    for threads, mode, name in common.torch_variants(a):
+    for threads, mode, name in _torch_variants(a):
         common.log(f"stage 2: {name}")
         if threads:
             torch.set_num_threads(threads)
@@ -225,10 +225,16 @@ def _torch_opt_kwargs(a) -> dict:
         getattr(a, "torch_optimizer", "default")]
 
 
+def _torch_variants(a):
+    """common.torch_variants, each row named with --torch_optimizer unless it is 'default'
+    (the n/a rows too)."""
+    opt = getattr(a, "torch_optimizer", "default")
+    for threads, mode, name in common.torch_variants(a):
+        yield threads, mode, name if opt == "default" else f"{name} {opt} Adam"
+
+
 def _torch_timed(a, name, run, n_params, batch, flops):
     import torch
-    if getattr(a, "torch_optimizer", "default") != "default":
-        name = f"{name} {a.torch_optimizer} Adam"
     sync = common.torch_sync(torch, a.torch_device)
     step = run
 
@@ -349,7 +355,7 @@ def torch_ae_rows(a, torch, cfg, x_nhwc, flops, counts_jax):
     lr = o.base_learning_rate * (cfg.batch_size if o.scale_lr_by_batch else 1)
     rows = []
     dev = a.torch_device
-    for threads, mode, name in common.torch_variants(a):
+    for threads, mode, name in _torch_variants(a):
         common.log(f"stage 1: {name}")
         if threads:
             torch.set_num_threads(threads)

@@ -1,8 +1,6 @@
 """The optimiser step: the fused CPU kernel (ldm_jax/kernels/cpu_adam.cc) against optax in XLA
 and against a float64 recomputation of Adam; state layout, donation, and errors."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -140,6 +138,6 @@ def test_state_layout_is_optax():
                                total_steps=2)
         xla = make_optimizer(opt_config(clip=clip, impl="xla"), global_batch_size=1, total_steps=2)
         s = fused.init(params)
-        out = jax.jit(functools.partial(fused.step))(params, s, params)[1]
-        ref = jax.jit(functools.partial(xla.step))(params, xla.init(params), params)[1]
+        out = jax.jit(fused.step)(params, s, params)[1]
+        ref = jax.jit(xla.step)(params, xla.init(params), params)[1]
         assert jax.tree.structure(out) == jax.tree.structure(ref) == jax.tree.structure(s)

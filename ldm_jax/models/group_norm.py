@@ -36,8 +36,8 @@ def _resolve_impl(impl: str, x) -> str:
         raise ValueError(f"group_norm impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
         from ldm_jax.kernels import build, cpu_norm
-        use = (x.dtype == jnp.float32 and jax.default_backend() == "cpu"
-               and build.single_cpu_device() and cpu_norm.available())
+        use = (x.dtype == jnp.float32 and build.single_cpu_device()
+               and cpu_norm.available())
         return "cpu_fused" if use else "xla"
     if impl == "cpu_fused" and (x.dtype != jnp.float32 or jax.default_backend() != "cpu"):
         raise ValueError(f"group_norm impl='cpu_fused' takes float32 inputs on CPU (got "
